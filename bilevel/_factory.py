@@ -1,0 +1,60 @@
+"""The public front door: build operators and models by name."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from torch import nn
+
+from .ops import BiLevelRoutingAttention, NCHWBiLevelRoutingAttention
+
+#: official class name -> our module; the golden op cases and users' code name ops this way
+OPS: dict[str, type[nn.Module]] = {
+    "BiLevelRoutingAttention": BiLevelRoutingAttention,
+    "nchwBRA": NCHWBiLevelRoutingAttention,
+    "NCHWBiLevelRoutingAttention": NCHWBiLevelRoutingAttention,
+}
+
+
+def register_op(name: str, cls: type[nn.Module]) -> None:
+    """Make ``create_op(name, ...)`` build ``cls`` (used by the op modules of each family)."""
+    OPS[name] = cls
+
+
+def create_op(class_name: str, **kwargs) -> nn.Module:
+    """Build an attention operator from its official class name and constructor arguments.
+
+    A drop-in for code written against the official modules, e.g.
+    ``create_op("BiLevelRoutingAttention", dim=64, num_heads=2, n_win=7, topk=1)``.
+    """
+    _load_families()
+    try:
+        cls = OPS[class_name]
+    except KeyError:
+        raise ValueError(f"unknown operator {class_name!r}; available: {sorted(OPS)}") from None
+    return cls(**kwargs)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Names of the model variants bilevel registers (optionally filtered by a substring)."""
+    from .models import MODEL_NAMES
+    return sorted(name for name in MODEL_NAMES if pattern in name)
+
+
+def create_model(name: str, checkpoint_path: Optional[Union[str, Path]] = None, num_classes: Optional[int] = None,
+                 **kwargs) -> nn.Module:
+    """Build a registered variant, optionally loading a checkpoint file the user supplies.
+
+    checkpoint_path: an official ``.pth`` (a dict with a ``model`` key, or a bare state dict) or a
+    checkpoint written by ``bilevel fit``; loaded with ``weights_only=True`` and ``strict=True``.
+    num_classes: when it differs from the checkpoint's classifier, everything but the classifier is
+    loaded and a fresh head is built (and a message says so).
+    kwargs: passed to the model constructor (``drop_path_rate``, ``features_only``, ``out_indices``, ...).
+    """
+    from .models.loading import create_model as _create
+    return _create(name, checkpoint_path=checkpoint_path, num_classes=num_classes, **kwargs)
+
+
+def _load_families() -> None:
+    """Import the model families so that their ops and timm registrations exist."""
+    from . import models  # noqa: F401

@@ -1,0 +1,83 @@
+"""Token-to-token attention over routed regions: the core of bi-level routing attention.
+
+Every query token of region ``i`` attends to all tokens of the ``topk`` regions that routing
+chose for ``i``. All backends compute the same function; ``reference`` is the readable one
+(gather, then plain softmax attention) and defines the numerics the others must match.
+
+Layout used throughout (channels split into heads head-major, as the official code does):
+    query:   (N, Rq, Tq, H * Dqk)   region-partitioned queries
+    key:     (N, Rk, Tk, H * Dqk)   region-partitioned keys
+    value:   (N, Rk, Tk, H * Dv)    region-partitioned values
+    indices: (N, Rq, topk)          routed key regions of each query region
+    output:  (N, Rq, Tq, H * Dv)
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .gather import gather_regions
+
+__all__ = ["routed_attention", "reference_routed_attention", "ATTENTION_BACKENDS", "split_heads", "merge_heads"]
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(..., T, H * D) -> (..., H, T, D), channels head-major."""
+    *lead, tokens, channels = x.shape
+    return x.reshape(*lead, tokens, num_heads, channels // num_heads).transpose(-3, -2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(..., H, T, D) -> (..., T, H * D)."""
+    *lead, heads, tokens, dim = x.shape
+    return x.transpose(-3, -2).reshape(*lead, tokens, heads * dim)
+
+
+def reference_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
+                               num_heads: int, region_weights: Optional[Tensor] = None,
+                               return_attention: bool = False):
+    """Gather the routed regions, then softmax attention per query region and head.
+
+    region_weights: optional (N, Rq, topk) factors multiplied into the gathered keys and values
+    (the official ``soft_routing``).
+    Returns the output (N, Rq, Tq, H * Dv), and with ``return_attention`` also the attention
+    weights (N * Rq, H, Tq, topk * Tk), the layout the official ``ret_attn_mask`` gives.
+    """
+    n, num_queries, _, _ = query.shape
+    key_sel = gather_regions(key, indices)        # (N, Rq, topk, Tk, H * Dqk)
+    value_sel = gather_regions(value, indices)    # (N, Rq, topk, Tk, H * Dv)
+    if region_weights is not None:
+        factors = region_weights.reshape(*region_weights.shape, 1, 1)
+        key_sel, value_sel = key_sel * factors, value_sel * factors
+    key_sel = split_heads(key_sel.flatten(2, 3), num_heads)      # (N, Rq, H, topk * Tk, Dqk)
+    value_sel = split_heads(value_sel.flatten(2, 3), num_heads)  # (N, Rq, H, topk * Tk, Dv)
+    q = split_heads(query, num_heads)                            # (N, Rq, H, Tq, Dqk)
+    attention = torch.softmax((q * scale) @ key_sel.transpose(-2, -1), dim=-1)
+    out = merge_heads(attention @ value_sel)                     # (N, Rq, Tq, H * Dv)
+    if return_attention:
+        return out, attention.flatten(0, 1)
+    return out
+
+
+AttentionBackend = Callable[..., Tensor]
+
+#: name -> function with the signature of :func:`reference_routed_attention` (without return_attention)
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"reference": reference_routed_attention}
+
+
+def routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float, num_heads: int,
+                     region_weights: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Attention of every query region over its routed key/value regions (see the module docstring).
+
+    backend: "auto" or one of :data:`ATTENTION_BACKENDS`.
+    """
+    if backend == "auto":
+        backend = "reference"
+    try:
+        function = ATTENTION_BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {backend!r}; choose 'auto' or one of "
+                         f"{sorted(ATTENTION_BACKENDS)}") from None
+    return function(query, key, value, indices, scale, num_heads, region_weights=region_weights)
