@@ -1,0 +1,105 @@
+"""What every four-stage pyramid backbone here shares: timm's feature API and input checks.
+
+A family's model class inherits :class:`PyramidBackbone` and implements ``run_stage(i, x)`` (the
+i-th stage, from the previous stage's output in the family's own layout), ``stage_containers()``
+(the ModuleLists indexed by stage, pruned together), ``forward_head``, ``reset_classifier`` and,
+when its stages are not NCHW, ``stage_to_nchw(i, x)``; this class supplies ``forward_features``, ``forward_intermediates`` and
+``prune_intermediate_layers`` as timm expects them, and the input-size check.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from timm.models import build_model_with_cfg, feature_take_indices
+from torch import Tensor, nn
+
+__all__ = ["PyramidBackbone", "build_pyramid", "InputSizeError"]
+
+
+class InputSizeError(ValueError):
+    """An input the network cannot take (wrong channel count, too small)."""
+
+
+class PyramidBackbone(nn.Module):
+    """Base class: stages 0..3, each reducing resolution; ``self.norm`` is the final norm."""
+
+    num_stages = 4
+    #: smallest input side the network accepts (its total stride, unless the family says otherwise)
+    min_input_size = 32
+    in_chans = 3
+
+    def stage_to_nchw(self, index: int, x: Tensor) -> Tensor:
+        """The stage output as (N, C, H, W); families whose stages keep NCHW need not override."""
+        return x
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """Validate the image batch (N, in_chans, H, W) and return what stage 0 expects."""
+        if x.ndim != 4:
+            raise InputSizeError(f"{type(self).__name__} expects a batch of images (N, C, H, W), got shape "
+                                 f"{tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise InputSizeError(f"{type(self).__name__} expects {self.in_chans}-channel images, got "
+                                 f"{x.shape[1]} channels (input shape {tuple(x.shape)})")
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise InputSizeError(f"a {x.shape[-2]}x{x.shape[-1]} image is too small for {type(self).__name__}: "
+                                 f"each side must be at least {self.min_input_size} pixels")
+        return x
+
+    def finish_features(self, x: Tensor) -> Tensor:
+        """The last stage's output -> the normalised features ``forward_head`` takes."""
+        return self.norm(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.prepare_input(x)
+        for index in range(self.num_stages):
+            x = self.run_stage(index, x)
+        return self.finish_features(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, list[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the NCHW outputs of the chosen stages (and the final features).
+
+        returns: list of (N, C_i, H_i, W_i), or (final features, that list) unless intermediates_only.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; only 'NCHW'")
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        intermediates = []
+        x = self.prepare_input(x)
+        last = max_index if (stop_early or intermediates_only) else self.num_stages - 1
+        for index in range(last + 1):
+            x = self.run_stage(index, x)
+            if index in take_indices:
+                feature = x
+                if norm and index == self.num_stages - 1:
+                    feature = self.finish_features(x)
+                intermediates.append(self.stage_to_nchw(index, feature))
+        if intermediates_only:
+            return intermediates
+        return self.finish_features(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last wanted one (and the head / final norm)."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        for container in self.stage_containers():
+            for index in range(max_index + 1, self.num_stages):
+                container[index] = nn.Identity()
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def build_pyramid(model_cls, variant: str, pretrained: bool = False, **kwargs):
+    """Build a registered variant the timm way (``pretrained_cfg``, ``features_only``)."""
+    if pretrained:
+        raise ValueError(f"{variant}: bilevel never downloads weights; build it with "
+                         "bilevel.create_model(name, checkpoint_path=...) and the official .pth file")
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(model_cls, variant, pretrained=False,
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the golden reference data in ../shared/reference and its weight-fill rule."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("BILEVEL_REFERENCE", PROJECT_ROOT.parent / "shared" / "reference"))
+GOLDEN = REFERENCE / "golden"
+
+
+def _load_golden_fill():
+    spec = importlib.util.spec_from_file_location("golden_fill", REFERENCE / "golden_fill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def golden_cases(kind: str, prefix: str = "") -> list[Path]:
+    """Paths of the public golden cases of one kind ("model" or "op"), optionally by name prefix."""
+    manifest = json.loads((GOLDEN / "MANIFEST.json").read_text())
+    return [GOLDEN / case["file"] for case in manifest["cases"]
+            if case["kind"] == kind and case["case"].startswith(prefix)]
+
+
+@pytest.fixture(scope="session")
+def golden_fill():
+    """The module ../shared/reference/golden_fill.py (fill_, make_input, decode_tensor)."""
+    if not (REFERENCE / "golden_fill.py").is_file():
+        pytest.fail(f"golden reference data not found at {REFERENCE} (expected ../shared/reference)")
+    return _load_golden_fill()
+
+
+def load_case(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def state_dict_layout(module: torch.nn.Module) -> list[list]:
+    """[key, shape, dtype] of every state-dict entry, in the golden files' format."""
+    return [[key, list(value.shape), str(value.dtype).replace("torch.", "")]
+            for key, value in module.state_dict().items()]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
