@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from timm.models import build_model_with_cfg, feature_take_indices
+from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg
 from torch import Tensor, nn
 
 __all__ = ["PyramidBackbone", "build_pyramid", "InputSizeError"]
