@@ -7,12 +7,14 @@ from typing import Optional, Union
 from torch import nn
 
 from .ops import BiLevelRoutingAttention, NCHWBiLevelRoutingAttention
+from .ops.dbra import DeBiLevelRoutingAttention
 
 #: official class name -> our module; the golden op cases and users' code name ops this way
 OPS: dict[str, type[nn.Module]] = {
     "BiLevelRoutingAttention": BiLevelRoutingAttention,
     "nchwBRA": NCHWBiLevelRoutingAttention,
     "NCHWBiLevelRoutingAttention": NCHWBiLevelRoutingAttention,
+    "DeBiLevelRoutingAttention": DeBiLevelRoutingAttention,
 }
 
 

@@ -4,8 +4,9 @@
     bilevel.list_models()
 """
 from . import biformer
+from . import debiformer
 
-FAMILIES = (biformer,)
+FAMILIES = (biformer, debiformer)
 
 #: every variant bilevel registers with timm
 MODEL_NAMES: tuple[str, ...] = tuple(sorted({tag.split(".")[0] for family in FAMILIES for tag in family.default_cfgs}))

@@ -136,8 +136,8 @@ def _cfg(**kwargs) -> dict:
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "downsample_layers.0.0", "classifier": "head", "license": "apache-2.0",
-        "paper_ids": "arXiv:2410.08582", "origin_url": "https://github.com/maclong01/DeBiFormer", **kwargs,
+        "first_conv": "downsample_layers.0.0", "classifier": "head", "license": "mit",
+        "origin_url": "https://github.com/maclong01/DeBiFormer", **kwargs,
     }
 
 
