@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .gather import gather_regions
 
-__all__ = ["routed_attention", "reference_routed_attention", "ATTENTION_BACKENDS", "split_heads", "merge_heads"]
+__all__ = ["routed_attention", "reference_routed_attention", "select_backend", "ATTENTION_BACKENDS", "split_heads",
+           "merge_heads"]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -63,21 +64,55 @@ def reference_routed_attention(query: Tensor, key: Tensor, value: Tensor, indice
 
 AttentionBackend = Callable[..., Tensor]
 
-#: name -> function with the signature of :func:`reference_routed_attention` (without return_attention)
+#: name -> function with the signature of :func:`reference_routed_attention` (without return_attention);
+#: the fast backends of :mod:`bilevel.ops.backends` are added at the end of this module
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"reference": reference_routed_attention}
+
+#: dense_mask is chosen when the whole key map has at most this many tokens ...
+DENSE_MAX_KEY_TOKENS = 256
+#: ... and the routed regions cover at least this fraction of it (the masked-out work is then small)
+DENSE_MIN_ROUTED_FRACTION = 0.25
+
+
+def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: Optional[Tensor] = None) -> str:
+    """The backend ``backend="auto"`` uses (rule measured with ``benchmarks/bench_bra.py``).
+
+    - CUDA without region_weights: ``flex`` (block-sparse fused kernel);
+    - small key maps routed densely (at most ``DENSE_MAX_KEY_TOKENS`` key tokens, topk covering at least
+      ``DENSE_MIN_ROUTED_FRACTION`` of the regions), no region_weights: ``dense_mask``;
+    - otherwise, when a gradient will be taken: ``recompute`` (no routed copy kept for backward);
+    - otherwise (inference): ``sdpa``.
+    """
+    if region_weights is None and query.device.type == "cuda":
+        return "flex"
+    num_key_regions, key_tokens = key.shape[1], key.shape[2]
+    topk = indices.shape[-1]
+    if (region_weights is None and num_key_regions * key_tokens <= DENSE_MAX_KEY_TOKENS
+            and topk >= DENSE_MIN_ROUTED_FRACTION * num_key_regions):
+        return "dense_mask"
+    tensors = (query, key) if region_weights is None else (query, key, region_weights)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "recompute"
+    return "sdpa"
 
 
 def routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float, num_heads: int,
                      region_weights: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """Attention of every query region over its routed key/value regions (see the module docstring).
 
-    backend: "auto" or one of :data:`ATTENTION_BACKENDS`.
+    backend: "auto" (see :func:`select_backend`) or one of :data:`ATTENTION_BACKENDS`.
     """
     if backend == "auto":
-        backend = "reference"
+        backend = select_backend(query, key, indices, region_weights)
     try:
         function = ATTENTION_BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown attention backend {backend!r}; choose 'auto' or one of "
                          f"{sorted(ATTENTION_BACKENDS)}") from None
     return function(query, key, value, indices, scale, num_heads, region_weights=region_weights)
+
+
+# The backends import split_heads/merge_heads from this module, so they are registered last.
+from .backends import BACKENDS as _FAST_BACKENDS  # noqa: E402
+
+ATTENTION_BACKENDS.update(_FAST_BACKENDS)

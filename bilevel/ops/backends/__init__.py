@@ -1,0 +1,34 @@
+"""Fast implementations of :func:`bilevel.ops.attention.reference_routed_attention`.
+
+Every backend has the reference's signature ``(query, key, value, indices, scale, num_heads,
+region_weights=None) -> (N, Rq, Tq, H * Dv)`` and computes the same function:
+
+=============  =====================================================================  ==============
+name           idea                                                                   region_weights
+=============  =====================================================================  ==============
+``sdpa``       ``index_select`` the routed regions (no broadcast gather), then         yes
+               ``F.scaled_dot_product_attention`` per query region
+``recompute``  custom autograd function: saves only q, k, v, output and log-sum-exp;   yes
+               the routed regions are re-selected in backward, in chunks of regions
+``dense_mask`` attention over all key tokens with a boolean region mask (small maps)   ValueError
+``flex``       FlexAttention with a block mask from the routing indices (CUDA path;    ValueError
+               forward only on CPU, where torch has no FlexAttention backward)
+=============  =====================================================================  ==============
+
+``dense_mask`` and ``flex`` express routing as a set of allowed key regions, so they need distinct
+indices per query region (as ``torch.topk`` gives) and raise ``ValueError`` otherwise.
+"""
+from .dense import dense_mask_routed_attention
+from .flex import flex_routed_attention
+from .recompute import recompute_routed_attention
+from .sdpa import sdpa_routed_attention
+
+BACKENDS = {
+    "sdpa": sdpa_routed_attention,
+    "recompute": recompute_routed_attention,
+    "dense_mask": dense_mask_routed_attention,
+    "flex": flex_routed_attention,
+}
+
+__all__ = ["BACKENDS", "sdpa_routed_attention", "recompute_routed_attention", "dense_mask_routed_attention",
+           "flex_routed_attention"]

@@ -1,0 +1,190 @@
+"""Every attention backend computes the reference function: outputs and gradients.
+
+Ground truth: the golden op cases of the official code (output) and the reference backend
+(gradients, soft routing, odd shapes the golden set does not cover).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bilevel
+from bilevel.ops import backends
+from bilevel.ops.attention import ATTENTION_BACKENDS, reference_routed_attention, routed_attention, select_backend
+from bilevel.ops.backends import recompute
+from tests.conftest import golden_cases, load_case
+
+BRA_CASES = golden_cases("op", "op_bra")
+FAST_BACKENDS = sorted(set(ATTENTION_BACKENDS) - {"reference"})
+TRAINABLE = [name for name in FAST_BACKENDS if name != "flex"]       # flex: no CPU backward in torch
+WEIGHTED = ["sdpa", "recompute"]                                     # backends supporting region_weights
+
+
+def _build_op(case: dict, backend: str, fill) -> torch.nn.Module:
+    op = bilevel.create_op(case["op"]["class"], **case["op"]["kwargs"], backend=backend)
+    fill.fill_(op)
+    return op.eval()
+
+
+def test_registry_has_the_documented_backends():
+    assert set(ATTENTION_BACKENDS) == {"reference", *backends.BACKENDS}
+    assert set(backends.BACKENDS) == {"sdpa", "recompute", "dense_mask", "flex"}
+
+
+@pytest.mark.parametrize("backend", [*FAST_BACKENDS, "auto"])
+@pytest.mark.parametrize("path", BRA_CASES, ids=lambda p: p.stem)
+def test_golden_op_output(path, backend, golden_fill):
+    case = load_case(path)
+    op = _build_op(case, backend, golden_fill)
+    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
+    with torch.no_grad():
+        out = op(x)
+    expected = golden_fill.decode_tensor(case["output"])
+    torch.testing.assert_close(out, expected, atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
+
+
+@pytest.mark.parametrize("backend", [*TRAINABLE, "auto"])
+@pytest.mark.parametrize("path", BRA_CASES, ids=lambda p: p.stem)
+def test_golden_op_gradients_match_reference(path, backend, golden_fill):
+    case = load_case(path)
+    grads = {}
+    for name in ("reference", backend):
+        op = _build_op(case, name, golden_fill)
+        x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"]).requires_grad_()
+        out = op(x)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        grads[name] = {"input": x.grad, **{key: p.grad for key, p in op.named_parameters()}}
+    for key, expected in grads["reference"].items():
+        torch.testing.assert_close(grads[backend][key], expected, atol=1e-5, rtol=1e-4, msg=key)
+
+
+# (batch, query regions, key regions, query tokens, key tokens, heads, qk head dim, v head dim, topk)
+ODD_CASES = {
+    "tq_ne_tk": (2, 6, 6, 5, 3, 2, 4, 4, 2),
+    "non_square_grid": (3, 6, 10, 4, 4, 1, 8, 8, 3),
+    "topk1_batch1": (1, 9, 9, 7, 7, 3, 2, 5, 1),
+    "topk_all_batch3": (3, 4, 4, 3, 9, 2, 6, 3, 4),
+}
+
+
+def _random_inputs(batch, num_queries, num_keys, query_tokens, key_tokens, heads, qk_dim, v_dim, topk,
+                   weighted=False):
+    generator = torch.Generator().manual_seed(7)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).requires_grad_()
+
+    query = randn(batch, num_queries, query_tokens, heads * qk_dim)
+    key = randn(batch, num_keys, key_tokens, heads * qk_dim)
+    value = randn(batch, num_keys, key_tokens, heads * v_dim)
+    indices = torch.rand(batch, num_queries, num_keys, generator=generator).argsort(-1)[..., :topk]
+    weights = torch.rand(batch, num_queries, topk, generator=generator).requires_grad_() if weighted else None
+    return query, key, value, indices, weights
+
+
+def _compare_with_reference(backend, shape, weighted):
+    query, key, value, indices, weights = _random_inputs(*shape, weighted=weighted)
+    heads, scale = shape[5], shape[6] ** -0.5
+    inputs = [query, key, value] + ([weights] if weighted else [])
+    expected = reference_routed_attention(query, key, value, indices, scale, heads, region_weights=weights)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    out = routed_attention(query, key, value, indices, scale, heads, region_weights=weights, backend=backend)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for name, grad, expected_grad in zip(["query", "key", "value", "region_weights"],
+                                         torch.autograd.grad(out, inputs, grad_out), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", [*TRAINABLE, "auto"])
+@pytest.mark.parametrize("shape", ODD_CASES.values(), ids=ODD_CASES.keys())
+def test_random_odd_cases(backend, shape):
+    _compare_with_reference(backend, shape, weighted=False)
+
+
+@pytest.mark.parametrize("backend", [*WEIGHTED, "auto"])
+@pytest.mark.parametrize("shape", ODD_CASES.values(), ids=ODD_CASES.keys())
+def test_random_odd_cases_with_region_weights(backend, shape):
+    _compare_with_reference(backend, shape, weighted=True)
+
+
+@pytest.mark.parametrize("shape", ODD_CASES.values(), ids=ODD_CASES.keys())
+def test_flex_forward_on_cpu(shape):
+    query, key, value, indices, _ = _random_inputs(*shape)
+    heads, scale = shape[5], shape[6] ** -0.5
+    with torch.no_grad():
+        expected = reference_routed_attention(query, key, value, indices, scale, heads)
+        out = routed_attention(query, key, value, indices, scale, heads, backend="flex")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_recompute_in_chunks_of_one_region(monkeypatch, weighted):
+    monkeypatch.setattr(recompute, "CHUNK_ELEMENTS", 1)
+    _compare_with_reference("recompute", ODD_CASES["non_square_grid"], weighted)
+
+
+def _saved_bytes(function, *args, **kwargs) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while running ``function``."""
+    saved = {}
+
+    def pack(tensor):
+        saved[(tensor.untyped_storage().data_ptr(), tensor.dtype)] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function(*args, **kwargs)
+    return sum(saved.values())
+
+
+def test_recompute_saves_no_routed_copy():
+    shape = (2, 16, 16, 16, 16, 2, 8, 8, 8)    # topk 8: a routed copy is 8x the size of k and v
+    query, key, value, indices, _ = _random_inputs(*shape)
+    inputs_bytes = sum(t.untyped_storage().nbytes() for t in (query, key, value))
+    routed_copy_bytes = 2 * shape[-1] * key.untyped_storage().nbytes() * shape[1] // shape[2]
+    reference = _saved_bytes(reference_routed_attention, query, key, value, indices, 0.3, shape[5])
+    light = _saved_bytes(routed_attention, query, key, value, indices, 0.3, shape[5], backend="recompute")
+    assert reference > routed_copy_bytes
+    # q, k, v, the output (the size of q here), log-sum-exp and the int64 indices
+    assert light <= 2 * inputs_bytes
+
+
+@pytest.mark.parametrize("backend", ["dense_mask", "flex"])
+def test_backends_without_soft_routing_refuse_region_weights(backend):
+    query, key, value, indices, weights = _random_inputs(*ODD_CASES["tq_ne_tk"], weighted=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="region_weights"):
+        routed_attention(query, key, value, indices, 0.5, 2, region_weights=weights, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["dense_mask", "flex"])
+def test_mask_backends_refuse_repeated_indices(backend):
+    query, key, value, indices, _ = _random_inputs(*ODD_CASES["tq_ne_tk"])
+    indices[0, 0, 1] = indices[0, 0, 0]
+    with torch.no_grad(), pytest.raises(ValueError, match="distinct"):
+        routed_attention(query, key, value, indices, 0.5, 2, backend=backend)
+
+
+def test_flex_refuses_backward_on_cpu():
+    query, key, value, indices, _ = _random_inputs(*ODD_CASES["tq_ne_tk"])
+    with pytest.raises(ValueError, match="backward on CPU"):
+        routed_attention(query, key, value, indices, 0.5, 2, backend="flex")
+
+
+def test_shape_errors_name_the_argument():
+    query, key, value, indices, _ = _random_inputs(*ODD_CASES["tq_ne_tk"])
+    with pytest.raises(ValueError, match="indices"):
+        routed_attention(query, key, value, indices[:, :3], 0.5, 2, backend="sdpa")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        routed_attention(query, key, value, indices, 0.5, 2, backend="fused")
+
+
+def test_auto_rule():
+    small = _random_inputs(1, 4, 4, 16, 16, 2, 8, 8, 2)          # 64 key tokens, half the regions routed
+    large = _random_inputs(1, 49, 49, 64, 64, 2, 8, 8, 4)        # 3136 key tokens
+    query, key, _, indices, weights = _random_inputs(1, 4, 4, 16, 16, 2, 8, 8, 2, weighted=True)
+    assert select_backend(small[0], small[1], small[3]) == "dense_mask"
+    assert select_backend(large[0], large[1], large[3]) == "recompute"
+    assert select_backend(query, key, indices, weights) == "recompute"
+    with torch.no_grad():
+        assert select_backend(large[0], large[1], large[3]) == "sdpa"
+    assert select_backend(large[0].detach(), large[1].detach(), large[3]) == "sdpa"
