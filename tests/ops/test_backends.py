@@ -5,6 +5,11 @@ Ground truth: the golden op cases of the official code (output) and the referenc
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -188,3 +193,16 @@ def test_auto_rule():
     with torch.no_grad():
         assert select_backend(large[0], large[1], large[3]) == "sdpa"
     assert select_backend(large[0].detach(), large[1].detach(), large[3]) == "sdpa"
+
+
+def test_benchmark_quick_mode(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_bra.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "bra_quick.json").read_text())
+    methods = {row["method"] for row in report["rows"]}
+    assert methods == {*ATTENTION_BACKENDS, "auto", "dense SDPA", "window SDPA"}
+    assert report["meta"]["threads"] == torch.get_num_threads() and report["meta"]["torch"] == torch.__version__
+    assert (tmp_path / "bra_quick.md").read_text().count("| quick 14px |") == len(methods)
+    assert (tmp_path / "bra_quick.png").stat().st_size > 0

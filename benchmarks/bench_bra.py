@@ -1,0 +1,313 @@
+"""Benchmark the BRA attention core: every backend against the reference gather implementation.
+
+For each setting (BiFormer-T stages at 224 px, batch 1 and 8; segmentation stage-1/2 maps at 512 px
+and 1024 px) the routed attention core ``routed_attention(q, k, v, indices)`` runs with q, k, v of
+the stage's width and indices from real top-k routing of the region means, next to two baselines
+of the same width: dense SDPA over all tokens and window attention (SDPA inside windows of
+``topk * tokens per region`` tokens, the same keys per query as routing). Measured side by side:
+
+- forward and forward+backward time (median of repeats after a warm-up);
+- peak memory of forward+backward: growth of the process's resident-set high-water mark
+  (``VmHWM`` in /proc/self/status), reset through /proc/self/clear_refs after ``malloc_trim`` has
+  returned freed heap to the system, so the figure is what the step itself needed (inputs excluded);
+- achieved GFLOP/s of the analytic attention FLOPs (2 per multiply-add, :mod:`bilevel.flops`;
+  backward counted as twice the forward), against the machine's fp32 matmul rate measured in the
+  same run.
+
+Writes ``bra_<tag>.md``, ``bra_<tag>.json`` and ``bra_<tag>.png`` (tag ``cpu`` or ``quick``) with the
+command, date, torch version and thread count. ``--quick`` runs one small setting once (a smoke run).
+
+    python benchmarks/bench_bra.py            # full run, a few minutes on 2 cores
+    python benchmarks/bench_bra.py --quick --out /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from bilevel.flops import global_attention_flops, routed_attention_flops
+from bilevel.ops.attention import ATTENTION_BACKENDS, routed_attention, select_backend
+from bilevel.ops.regions import region_partition
+from bilevel.ops.routing import region_affinity, topk_routing
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: dense baselines (dense SDPA, dense_mask, CPU flex which is unfused there) are skipped above this many tokens
+DENSE_MAX_TOKENS = 16384
+MASK_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    batch: int
+    size: int          # square map side
+    dim: int
+    heads: int
+    n_win: int
+    topk: int
+
+
+SETTINGS = [
+    *(Setting(f"224px stage{stage + 1}", batch, size, dim, heads, 7, topk)
+      for batch in (1, 8)
+      for stage, (size, dim, heads, topk) in enumerate([(56, 64, 2, 1), (28, 128, 4, 4), (14, 256, 8, 16)])),
+    Setting("512px stage1", 1, 128, 64, 2, 8, 1),
+    Setting("512px stage2", 1, 64, 128, 4, 8, 4),
+    Setting("1024px stage1", 1, 256, 64, 2, 16, 1),
+    Setting("1024px stage2", 1, 128, 128, 4, 16, 4),
+]
+QUICK_SETTINGS = [Setting("quick 14px", 1, 14, 32, 2, 7, 4)]
+
+
+@dataclass
+class Row:
+    setting: str
+    batch: int
+    method: str
+    forward_ms: Optional[float]
+    train_ms: Optional[float]          # forward + backward
+    peak_mib: Optional[float]          # forward + backward
+    gflops_forward: Optional[float]
+    gflops_train: Optional[float]
+    note: str = ""
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def peak_memory_mib(step: Callable[[], None]) -> Optional[float]:
+    """Growth of the resident high-water mark while ``step`` runs (Linux; None elsewhere)."""
+    if _LIBC is None:
+        return None
+    _LIBC.malloc_trim(0)
+    baseline = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")      # reset VmHWM to the current RSS
+    step()
+    return max(0, _status_kib("VmHWM") - baseline) / 1024
+
+
+def median_seconds(step: Callable[[], None], repeats: int, budget_s: float) -> float:
+    """Median time of ``step`` after one warm-up run, at most ``repeats`` runs or ``budget_s`` seconds."""
+    step()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
+        tick = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / median_seconds(lambda: a @ b, repeats, 5.0) / 1e9
+
+
+def make_inputs(setting: Setting, generator: torch.Generator):
+    """Region-partitioned q, k, v (N, S², T, C) and top-k indices (N, S², topk) of a random map."""
+    shape = (setting.batch, setting.size, setting.size, setting.dim)
+    grid = (setting.n_win, setting.n_win)
+    q, k, v = (region_partition(torch.randn(shape, generator=generator), grid).contiguous() for _ in range(3))
+    indices = topk_routing(region_affinity(q.mean(dim=2), k.mean(dim=2)), setting.topk).indices
+    return q, k, v, indices
+
+
+def routed_step(backend: str, q, k, v, indices, setting: Setting) -> Callable[[], torch.Tensor]:
+    scale = (setting.dim // setting.heads) ** -0.5
+    return lambda: routed_attention(q, k, v, indices, scale, setting.heads, backend=backend)
+
+
+def dense_step(q, k, v, setting: Setting) -> Callable[[], torch.Tensor]:
+    """Full attention over all tokens: (N, H, L, D)."""
+    def heads(t):
+        return t.reshape(setting.batch, -1, setting.heads, setting.dim // setting.heads).transpose(1, 2)
+    return lambda: F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+
+
+def window_width(setting: Setting, tokens_per_region: int) -> int:
+    """Tokens per window: as many keys per query as routing gives (``topk`` regions), at most the map."""
+    return min(setting.topk * tokens_per_region, setting.size * setting.size)
+
+
+def window_step(q, k, v, setting: Setting) -> Callable[[], torch.Tensor]:
+    """Attention inside windows of :func:`window_width` consecutive tokens (a remainder is left out)."""
+    width = window_width(setting, q.shape[2])
+
+    def windows(t):
+        tokens = t.reshape(-1, t.shape[-1])
+        used = tokens.shape[0] // width * width
+        return tokens[:used].reshape(-1, width, setting.heads, setting.dim // setting.heads).transpose(1, 2)
+    return lambda: F.scaled_dot_product_attention(windows(q), windows(k), windows(v))
+
+
+def measure(setting: Setting, method: str, make_step, q, k, v, flops: int, repeats: int, budget_s: float,
+            trainable: bool = True, note: str = "") -> Row:
+    """Time forward, forward+backward and peak memory of one method."""
+    inputs = (q, k, v)
+    with torch.no_grad():
+        forward_s = median_seconds(make_step(*inputs), repeats, budget_s)
+    train_s = peak = None
+    if trainable:
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        step = make_step(*leaves)
+
+        def train():
+            step().sum().backward()
+            for leaf in leaves:
+                leaf.grad = None
+
+        train_s = median_seconds(train, repeats, budget_s)
+        peak = peak_memory_mib(train)
+    return Row(setting.name, setting.batch, method, 1e3 * forward_s, None if train_s is None else 1e3 * train_s,
+               peak, 2 * flops / forward_s / 1e9, None if train_s is None else 6 * flops / train_s / 1e9, note)
+
+
+def run_setting(setting: Setting, repeats: int, budget_s: float) -> list[Row]:
+    q, k, v, indices = make_inputs(setting, torch.Generator().manual_seed(0))
+    n, regions, tokens, channels = q.shape
+    tokens_total = regions * tokens
+    flops = routed_attention_flops(n, regions, tokens, setting.topk, tokens, channels, channels)
+    rows = []
+    for backend in ATTENTION_BACKENDS:
+        if backend in ("dense_mask", "flex") and tokens_total > MASK_MAX_TOKENS:
+            continue
+        rows.append(measure(setting, backend, lambda q_, k_, v_, b=backend: routed_step(b, q_, k_, v_, indices,
+                                                                                       setting),
+                            q, k, v, flops, repeats, budget_s, trainable=backend != "flex",
+                            note="CPU: eager, forward only" if backend == "flex" else ""))
+    auto_choice = select_backend(q.detach().requires_grad_(), k.detach().requires_grad_(), indices)
+    rows.append(measure(setting, "auto", lambda q_, k_, v_: routed_step("auto", q_, k_, v_, indices, setting),
+                        q, k, v, flops, repeats, budget_s, note=f"training picks {auto_choice}"))
+    if tokens_total <= DENSE_MAX_TOKENS:
+        dense_flops = global_attention_flops(n, tokens_total, channels)
+        rows.append(measure(setting, "dense SDPA", lambda q_, k_, v_: dense_step(q_, k_, v_, setting),
+                            q, k, v, dense_flops, repeats, budget_s, note="all tokens, not routed"))
+    width = window_width(setting, tokens)
+    window_flops = (n * tokens_total // width) * width * width * 2 * channels
+    rows.append(measure(setting, "window SDPA", lambda q_, k_, v_: window_step(q_, k_, v_, setting),
+                        q, k, v, window_flops, repeats, budget_s, note=f"windows of {width} tokens"))
+    return rows
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def summarize(rows: list[Row], matmul_rate: float) -> list[dict]:
+    """Rows as dicts with speed-ups and memory ratio against the reference of the same setting."""
+    reference = {(row.setting, row.batch): row for row in rows if row.method == "reference"}
+    table = []
+    for row in rows:
+        ref = reference[(row.setting, row.batch)]
+        table.append({**asdict(row),
+                      "forward_speedup": _ratio(ref.forward_ms, row.forward_ms),
+                      "train_speedup": _ratio(ref.train_ms, row.train_ms),
+                      "memory_reduction": _ratio(ref.peak_mib, row.peak_mib),
+                      "forward_matmul_fraction": _ratio(row.gflops_forward, matmul_rate),
+                      "train_matmul_fraction": _ratio(row.gflops_train, matmul_rate)})
+    return table
+
+
+def _cell(value: Optional[float], digits: int = 1, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown(table: list[dict], meta: dict) -> str:
+    lines = [f"# BRA attention core benchmark ({meta['tag']})", "",
+             f"- command: `{meta['command']}`", f"- date: {meta['date']}",
+             f"- torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}",
+             f"- measured fp32 matmul rate: {meta['matmul_gflops']:.0f} GFLOP/s",
+             "- peak memory: growth of VmHWM over forward+backward (inputs excluded); ×: reference / method",
+             "- speed-up: reference time / method time in the same run; GFLOP/s of analytic attention FLOPs",
+             "", "| setting | batch | method | fwd ms | fwd ×ref | fwd+bwd ms | fwd+bwd ×ref | peak MiB | "
+             "mem ×ref | GFLOP/s fwd | % matmul fwd | % matmul fwd+bwd | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        lines.append(" | ".join([
+            f"| {row['setting']}", str(row["batch"]), row["method"], _cell(row["forward_ms"], 2),
+            _cell(row["forward_speedup"], 2), _cell(row["train_ms"], 2), _cell(row["train_speedup"], 2),
+            _cell(row["peak_mib"], 1), _cell(row["memory_reduction"], 1),
+            _cell(row["gflops_forward"], 1), _cell(None if row["forward_matmul_fraction"] is None
+                                                    else 100 * row["forward_matmul_fraction"], 0),
+            _cell(None if row["train_matmul_fraction"] is None else 100 * row["train_matmul_fraction"], 0),
+            row["note"]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], meta: dict, path: Path) -> None:
+    """Two panels: forward+backward speed-up and peak-memory reduction against the reference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(f"{row['setting']}\nbatch {row['batch']}" for row in table))
+    methods = [m for m in dict.fromkeys(row["method"] for row in table) if m != "reference"]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(settings)), 8), sharex=True)
+    width = 0.8 / len(methods)
+    for panel, (key, label) in zip(axes, [("train_speedup", "fwd+bwd speed-up vs reference"),
+                                          ("memory_reduction", "peak memory: reference / method")]):
+        for i, method in enumerate(methods):
+            values = {f"{row['setting']}\nbatch {row['batch']}": row[key] for row in table if row["method"] == method}
+            heights = [values.get(s) or 0.0 for s in settings]
+            panel.bar([x + i * width for x in range(len(settings))], heights, width, label=method)
+        panel.axhline(1.0, color="black", linewidth=0.8)
+        panel.set_yscale("log")
+        panel.set_ylabel(label)
+    axes[0].legend(ncol=4, fontsize=8)
+    axes[0].set_title(f"BRA attention core, torch {meta['torch']}, {meta['threads']} threads, {meta['date'][:10]}")
+    axes[1].set_xticks([x + 0.4 - width / 2 for x in range(len(settings))], settings, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small setting, one repeat (smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bra_<tag>.md/.json/.png")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after a warm-up)")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement at most")
+    args = parser.parse_args(argv)
+    settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
+    torch.manual_seed(0)
+    meta = {"tag": tag, "command": shlex.join(["python", "benchmarks/bench_bra.py", *(argv or sys.argv[1:])]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
+            "matmul_gflops": matmul_gflops(512 if args.quick else 2048, repeats=repeats)}
+    rows = []
+    for setting in settings:
+        rows.extend(run_setting(setting, repeats, args.budget))
+        print(f"done: {setting.name} batch {setting.batch}", flush=True)
+    table = summarize(rows, meta["matmul_gflops"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bra_{tag}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(table, meta))
+    plot(table, meta, stem.with_suffix(".png"))
+    print(stem.with_suffix(".md").read_text())
+    return stem
+
+
+if __name__ == "__main__":
+    main()
