@@ -173,7 +173,7 @@ class CrossFormer(PyramidBackbone):
         dims = [embed_dim * 2 ** i for i in range(self.num_stages)]
         self.patch_embed = CrossScaleEmbedding(patch_size, in_chans, embed_dim, patch_norm)
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             side = img_size // patch_size[0] // 2 ** i
@@ -278,7 +278,7 @@ default_cfgs = generate_default_cfgs({
 
 def _build(variant: str, pretrained: bool, kwargs: dict, **args) -> CrossFormer:
     img_size = kwargs.get("img_size", 224)
-    if "pretrained_cfg_overlay" not in kwargs and img_size != 224:
+    if kwargs.get("pretrained_cfg_overlay") is None and img_size != 224:
         kwargs["pretrained_cfg_overlay"] = dict(input_size=(3, img_size, img_size),
                                                  pool_size=(img_size // 32, img_size // 32))
     return build_pyramid(CrossFormer, variant, pretrained, **dict(args, **kwargs))

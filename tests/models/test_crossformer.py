@@ -1,0 +1,213 @@
+"""CrossFormer: equivalence with the official code (golden cases), checkpoints, input sizes, feature API."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+import bilevel
+import bilevel.models.crossformer  # noqa: F401  (registers the variants with timm)
+from bilevel.models._pyramid import InputSizeError
+from bilevel.models.crossformer import CrossFormer
+from bilevel.ops.lsda import relative_offsets, relative_position_index
+from bilevel.ops.recording import record_routing
+from tests.conftest import golden_cases, load_case, state_dict_layout
+
+GOLDEN = golden_cases("model", "crossformer")
+
+#: measured on the official code (ARCHITECTURES.md §3.1)
+OFFICIAL_PARAM_COUNTS = {
+    "crossformer_tiny": 27_776_794,
+    "crossformer_small": 30_657_394,
+    "crossformer_base": 51_971_554,
+    "crossformer_large": 91_971_184,
+}
+
+#: a CrossFormer small enough for shape sweeps, gradients and compilation
+SMALL = dict(embed_dim=32, depths=(1, 2, 1, 2), num_heads=(1, 2, 4, 8), num_classes=10)
+
+
+def _small(**kwargs) -> CrossFormer:
+    return CrossFormer(**dict(SMALL, **kwargs)).eval()
+
+
+def _layout_set(layout):
+    return sorted((key, tuple(shape), dtype) for key, shape, dtype in layout)
+
+
+@pytest.mark.parametrize("path", GOLDEN, ids=[p.stem for p in GOLDEN])
+def test_golden_case(path, golden_fill):
+    case = load_case(path)
+    model = timm.create_model(case["model"], **case["create_kwargs"])
+    ours = _layout_set(state_dict_layout(model))
+    expected = _layout_set(case["state_dict"])
+    optional = _layout_set(case.get("optional_state_dict", []))
+    assert set(expected) <= set(ours), f"missing: {sorted(set(expected) - set(ours))[:5]}"
+    assert set(ours) <= set(expected) | set(optional), f"extra: {sorted(set(ours) - set(expected))[:5]}"
+    assert sum(p.numel() for p in model.parameters()) == case["param_count"]
+    golden_fill.fill_(model)
+    model.eval()
+    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, golden_fill.decode_tensor(case["output"]),
+                               atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
+
+
+def test_golden_cases_exist():
+    assert GOLDEN, "no CrossFormer golden case found in the manifest"
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAM_COUNTS))
+def test_variant_parameter_counts(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAM_COUNTS[name]
+    assert model.pretrained_cfg["first_conv"] == "patch_embed.projs.0"
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+
+
+def _v1_state_dict(model: CrossFormer) -> dict[str, torch.Tensor]:
+    """The model's state dict in the released-checkpoint layout: plus two tables per attention."""
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if name.endswith(".attn"):
+            state[f"{name}.biases"] = relative_offsets(module.group_size)
+            state[f"{name}.relative_position_index"] = relative_position_index(module.group_size)
+    return state
+
+
+def test_v1_checkpoint_loads_strictly(tmp_path):
+    source = bilevel.models.crossformer.crossformer_tiny(**SMALL)
+    v1_state = _v1_state_dict(source)
+    assert len(v1_state) == len(source.state_dict()) + 2 * sum(SMALL["depths"])
+    path = tmp_path / "crossformer_v1.pth"
+    torch.save({"model": v1_state, "epoch": 3}, path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = source.eval()(x)
+        loaded = bilevel.create_model("crossformer_tiny", checkpoint_path=path, **SMALL).eval()
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        direct = _small()
+        direct.load_state_dict(v1_state, strict=True)
+        torch.testing.assert_close(direct(x), expected, rtol=0, atol=0)
+
+
+def test_own_state_dict_round_trips(tmp_path):
+    source = _small()
+    path = tmp_path / "own.pth"
+    torch.save(source.state_dict(), path)
+    target = _small()
+    target.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_gradients_reach_the_position_bias():
+    model = _small().train()
+    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    dpb = {name: p.grad for name, p in model.named_parameters() if ".attn.pos." in name}
+    assert len(dpb) == 14 * sum(SMALL["depths"])
+    missing = [name for name, grad in dpb.items() if grad is None or grad.abs().sum() == 0]
+    assert not missing, missing
+
+
+def _ceil_chain(size: int) -> list[int]:
+    sides = [size // 4]
+    for _ in range(3):
+        sides.append(math.ceil(sides[-1] / 2))
+    return sides
+
+
+@pytest.mark.parametrize("height, width, batch", [(224, 224, 1), (256, 320, 3), (200, 300, 1), (97, 75, 2),
+                                                  (32, 32, 1)])
+def test_any_input_size(height, width, batch):
+    model = _small()
+    x = torch.randn(batch, 3, height, width)
+    with torch.no_grad():
+        final, features = model.forward_intermediates(x)
+        logits = model(x)
+    assert logits.shape == (batch, 10) and torch.isfinite(logits).all()
+    shapes = [tuple(f.shape) for f in features]
+    assert shapes == [(batch, 32 * 2 ** i, h, w) for i, (h, w) in enumerate(zip(_ceil_chain(height),
+                                                                                _ceil_chain(width)))]
+    if batch > 1:  # padding, masks and groups never mix the images of a batch
+        with torch.no_grad():
+            torch.testing.assert_close(model(x[1:2]), logits[1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_grouping_follows_the_run_time_size():
+    """img_size only fixes the v1 table shapes: built for 224 or 256, a 256 input gives the same output."""
+    at_224, at_256 = _small(img_size=224), _small(img_size=256)
+    at_256.load_state_dict(at_224.state_dict(), strict=True)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(at_256(x), at_224(x), rtol=0, atol=0)
+    with record_routing(at_256) as trace:
+        at_256(x)
+    first = trace.by_module("layers.0.blocks.0.attn")
+    assert (first.map_size, first.extras["mode"], first.extras["padded_size"]) == ((64, 64), "sda", (70, 70))
+    lda = trace.by_module("layers.1.blocks.1.attn")
+    assert (lda.map_size, lda.extras["mode"], lda.extras["interval"], lda.extras["padded_size"]) == (
+        (32, 32), "lda", 4, (56, 56))
+
+
+def test_tiny_built_for_256():
+    model = timm.create_model("crossformer_tiny", img_size=256, num_classes=5).eval()
+    assert model.pretrained_cfg["input_size"] == (3, 256, 256)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 256))
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+def test_stage_four_at_224_is_global_sda():
+    model = _small()
+    with torch.no_grad(), record_routing(model) as trace:
+        model(torch.randn(1, 3, 224, 224))
+    assert len(trace.by_kind("lsda")) == sum(SMALL["depths"])
+    modes = [(record.module, record.extras["mode"], record.extras["group_size"]) for record in trace]
+    assert modes == [("layers.0.blocks.0.attn", "sda", 7), ("layers.1.blocks.0.attn", "sda", 7),
+                     ("layers.1.blocks.1.attn", "lda", 7), ("layers.2.blocks.0.attn", "sda", 7),
+                     ("layers.3.blocks.0.attn", "sda", 7), ("layers.3.blocks.1.attn", "sda", 7)]
+    assert all(record.region_grid == (1, 1) for record in trace if record.module.startswith("layers.3"))
+
+
+def test_torch_compile_matches_eager():
+    model = _small()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_features_only_gives_the_pyramid():
+    model = timm.create_model("crossformer_tiny", features_only=True, **SMALL).eval()
+    assert model.feature_info.channels() == [32, 64, 128, 256]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 128, 160))
+    assert [tuple(m.shape) for m in maps] == [(1, 32, 32, 40), (1, 64, 16, 20), (1, 128, 8, 10), (1, 256, 4, 5)]
+
+
+def test_head_and_classifier():
+    model = _small()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 2, 2, 256)
+        assert model.forward_head(features, pre_logits=True).shape == (2, 256)
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3)
+
+
+def test_bad_inputs_are_refused():
+    model = _small()
+    with pytest.raises(InputSizeError, match="3-channel"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(InputSizeError, match="too small"):
+        model(torch.randn(1, 3, 16, 64))
+    with pytest.raises(ValueError, match="img_size"):
+        CrossFormer(img_size=16)
