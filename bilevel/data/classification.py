@@ -1,0 +1,168 @@
+"""Image classification from a folder of class folders (``root/train/<class>/*``, ``root/val/<class>/*``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from lightning import LightningDataModule
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset
+
+from .images import list_images, read_image
+from .scan import DatasetError, check_images, class_folders, require_folder
+from .shapes import builtin_shapes
+from .transforms import model_data_config
+
+__all__ = ["LabelledImages", "UnlabelledImages", "ImageFolderDataModule", "ShapesClassificationDataModule"]
+
+
+class LabelledImages(Dataset):
+    """(path, label) pairs read through :func:`bilevel.data.images.read_image`; items are (image (3, S, S), label)."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(read_image(path)), label
+
+
+class UnlabelledImages(Dataset):
+    """Every image of a folder for prediction; items are {"image": tensor, "path": str}."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        return {"image": self.transform(read_image(path)), "path": str(path)}
+
+
+def prediction_paths(folder: Path) -> list[Path]:
+    """The images of a prediction folder (its sub-folders too), or a DatasetError when there are none."""
+    require_folder(folder, "prediction folder")
+    paths = list_images(folder) + [path for sub in sorted(p for p in folder.rglob("*") if p.is_dir())
+                                   for path in list_images(sub)]
+    if not paths:
+        raise DatasetError(f"{folder}: no image files to predict on")
+    return paths
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """Class folders on disk -> timm-augmented batches ((N, 3, S, S) images, (N,) labels).
+
+    root: a folder with ``train/`` and ``val/`` class folders, or (with ``val_fraction``) one folder of
+        class folders split with the fixed ``split_seed``.
+    model_name: the backbone, for its mean/std/input size (linked from the model by ``bilevel`` CLI).
+    image_size: overrides the backbone's input size.
+    predict_root: images to predict on (``bilevel predict``); default: the validation images.
+    ``num_classes`` and ``class_names`` are known as soon as the module exists, so the CLI hands them to the model.
+    """
+
+    def __init__(self, root: str, model_name: Optional[str] = None, image_size: Optional[int] = None,
+                 val_fraction: float = 0.2, split_seed: int = 0, batch_size: int = 32, num_workers: int = 4,
+                 scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, auto_augment: Optional[str] = None,
+                 predict_root: Optional[str] = None, scan: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        require_folder(self.root, "dataset root")
+        self.data_config = model_data_config(model_name, image_size)
+        self.train_samples, self.val_samples, self.class_names = self._find_samples()
+        self.train_dataset = self.val_dataset = self.predict_dataset = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _find_samples(self):
+        train_dir, val_dir = self.root / "train", self.root / "val"
+        if train_dir.is_dir():
+            names = class_folders(train_dir)
+            if not val_dir.is_dir():
+                raise DatasetError(f"{val_dir}: missing split folder (found {train_dir}; put the validation "
+                                   f"class folders in {val_dir}, or point root at one folder of class folders to "
+                                   "split it with val_fraction)")
+            val_names = class_folders(val_dir)
+            unknown = sorted(set(val_names) - set(names))
+            if unknown:
+                raise DatasetError(f"{val_dir}: class folders {unknown} are not in {train_dir}")
+            return self._samples(train_dir, names), self._samples(val_dir, names), names
+        names = class_folders(self.root)
+        samples = self._samples(self.root, names)
+        if not 0 < self.hparams.val_fraction < 1:
+            raise DatasetError(f"{self.root} has no train/ and val/ folders: set val_fraction in (0, 1) to split it "
+                               f"(got {self.hparams.val_fraction})")
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.hparams.split_seed))
+        n_val = max(1, round(len(samples) * self.hparams.val_fraction))
+        val = [samples[i] for i in sorted(order[:n_val].tolist())]
+        train = [samples[i] for i in sorted(order[n_val:].tolist())]
+        return train, val, names
+
+    @staticmethod
+    def _samples(split_dir: Path, names: Sequence[str]) -> list[tuple[Path, int]]:
+        return [(path, label) for label, name in enumerate(names) for path in list_images(split_dir / name)
+                if (split_dir / name).is_dir()]
+
+    def transform(self, training: bool):
+        """timm's train (random-resized crop, flip, optional auto-augment) or eval (resize, centre crop) pipeline."""
+        cfg = self.data_config
+        if training:
+            return create_transform(cfg.image_size, is_training=True, mean=cfg.mean, std=cfg.std,
+                                    scale=tuple(self.hparams.scale), hflip=self.hparams.hflip,
+                                    auto_augment=self.hparams.auto_augment)
+        return create_transform(cfg.image_size, is_training=False, mean=cfg.mean, std=cfg.std,
+                                crop_pct=cfg.crop_pct)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.scan:
+            check_images(path for path, _ in self.train_samples + self.val_samples)
+        if stage in ("fit", "validate", "test"):
+            self.train_dataset = LabelledImages(self.train_samples, self.transform(training=True))
+            self.val_dataset = LabelledImages(self.val_samples, self.transform(training=False))
+        if stage == "predict":
+            paths = (prediction_paths(Path(self.hparams.predict_root).expanduser()) if self.hparams.predict_root
+                     else [path for path, _ in self.val_samples])
+            self.predict_dataset = UnlabelledImages(paths, self.transform(training=False))
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        drop_last = len(self.train_dataset) > self.hparams.batch_size
+        return self._loader(self.train_dataset, shuffle=True, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, shuffle=False)
+
+
+class ShapesClassificationDataModule(ImageFolderDataModule):
+    """The built-in shapes dataset (generated into the cache on first use) as class folders.
+
+    root: where to keep the generated data (default ``$BILEVEL_CACHE`` or ``~/.cache/bilevel``).
+    """
+
+    def __init__(self, root: Optional[str] = None, model_name: Optional[str] = None,
+                 image_size: Optional[int] = 64, val_fraction: float = 0.2, split_seed: int = 0,
+                 batch_size: int = 32, num_workers: int = 0, scale: tuple[float, float] = (0.6, 1.0),
+                 hflip: float = 0.5, auto_augment: Optional[str] = None, predict_root: Optional[str] = None,
+                 scan: bool = True):
+        super().__init__(str(builtin_shapes(root) / "classification"), model_name, image_size, val_fraction,
+                         split_seed, batch_size, num_workers, scale, hflip, auto_augment, predict_root, scan)

@@ -1,0 +1,155 @@
+"""Semantic segmentation from image and mask folders paired by file stem.
+
+Layouts (``layout``):
+    "folders": ``root/{train,val}/images/*`` and ``root/{train,val}/masks/*.png``
+    "ade20k":  ``root/images/{training,validation}/*.jpg`` and ``root/annotations/{training,validation}/*.png``
+Masks hold class indices (single-channel or palette PNG); 255 is ignored. Class names come from
+``classes``, else ``root/classes.txt`` (one per line), else ``class_0 ...`` up to the largest label.
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from .classification import UnlabelledImages, prediction_paths
+from .images import image_to_tensor, list_images, read_image, read_mask
+from .scan import DatasetError, check_segmentation_pairs, require_folder
+from .shapes import builtin_shapes
+from .transforms import SegmentationTransform, model_data_config
+
+__all__ = ["SegmentationPairs", "SegmentationFolderDataModule", "ShapesSegmentationDataModule", "LAYOUTS"]
+
+#: layout name -> {split: (image folder, mask folder)} relative to the root
+LAYOUTS = {
+    "folders": {"train": ("train/images", "train/masks"), "val": ("val/images", "val/masks")},
+    "ade20k": {"train": ("images/training", "annotations/training"),
+               "val": ("images/validation", "annotations/validation")},
+}
+
+
+class SegmentationPairs(Dataset):
+    """(image path, mask path) pairs; items are (image (3, S, S), labels (S, S) int64)."""
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: SegmentationTransform):
+        self.pairs = list(pairs)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self.pairs[index]
+        return self.transform(read_image(image_path), read_mask(mask_path))
+
+
+def pair_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
+    """Pair every image with the mask of the same stem; a DatasetError names an image without a mask."""
+    require_folder(image_dir, "image folder")
+    require_folder(mask_dir, "mask folder")
+    images = list_images(image_dir)
+    if not images:
+        raise DatasetError(f"{image_dir}: no image files in it")
+    masks = {path.stem: path for path in list_images(mask_dir)}
+    missing = [path for path in images if path.stem not in masks]
+    if missing:
+        raise DatasetError(f"{missing[0]}: no mask with the same name in {mask_dir} "
+                           f"({len(missing)} image(s) without a mask)")
+    return [(path, masks[path.stem]) for path in images]
+
+
+class SegmentationFolderDataModule(LightningDataModule):
+    """Image/mask folders -> batches ((N, 3, S, S) images, (N, S, S) labels with ``ignore_index``).
+
+    Training images and masks are scaled, cropped and flipped together; validation resizes both to S x S.
+    Prediction keeps each image at its own size (batch size 1), so masks come back at input resolution.
+    """
+
+    def __init__(self, root: str, model_name: Optional[str] = None, image_size: Optional[int] = 512,
+                 layout: str = "folders", reduce_zero_label: bool = False, classes: Optional[list[str]] = None,
+                 ignore_index: int = 255, scale: tuple[float, float] = (0.25, 1.0), hflip: float = 0.5,
+                 batch_size: int = 8, num_workers: int = 4, predict_root: Optional[str] = None, scan: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is not one of {sorted(LAYOUTS)}")
+        self.root = Path(root).expanduser()
+        require_folder(self.root, "dataset root")
+        self.data_config = model_data_config(model_name, image_size)
+        self.train_pairs, self.val_pairs = (pair_by_stem(*(self.root / part for part in LAYOUTS[layout][split]))
+                                            for split in ("train", "val"))
+        self.class_names = self._class_names(classes)
+        self.train_dataset = self.val_dataset = self.predict_dataset = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _class_names(self, given: Optional[list[str]]) -> list[str]:
+        names_file = self.root / "classes.txt"
+        if given:
+            names = list(given)
+        elif names_file.is_file():
+            names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+            if self.hparams.reduce_zero_label and names:
+                names = names[1:]
+        else:
+            # the largest label sets the class count; the scan below then has nothing more to check
+            count = check_segmentation_pairs(self.train_pairs, None, self.hparams.ignore_index,
+                                             self.hparams.reduce_zero_label)
+            return [f"class_{index}" for index in range(count)]
+        if not names:
+            raise DatasetError(f"{names_file}: no class names in it")
+        return names
+
+    def _transform(self, training: bool) -> SegmentationTransform:
+        cfg = self.data_config
+        return SegmentationTransform(cfg.image_size, cfg.mean, cfg.std, training=training, scale=self.hparams.scale,
+                                     hflip=self.hparams.hflip, ignore_index=self.hparams.ignore_index,
+                                     reduce_zero_label=self.hparams.reduce_zero_label)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.scan:
+            check_segmentation_pairs(self.train_pairs + self.val_pairs, self.num_classes,
+                                     self.hparams.ignore_index, self.hparams.reduce_zero_label)
+        if stage in ("fit", "validate", "test"):
+            self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True))
+            self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False))
+        if stage == "predict":
+            paths = (prediction_paths(Path(self.hparams.predict_root).expanduser()) if self.hparams.predict_root
+                     else [image for image, _ in self.val_pairs])
+            cfg = self.data_config
+            self.predict_dataset = UnlabelledImages(paths, partial(image_to_tensor, mean=cfg.mean, std=cfg.std))
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        drop_last = len(self.train_dataset) > self.hparams.batch_size
+        return self._loader(self.train_dataset, True, self.hparams.batch_size, drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, False, self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, False, self.hparams.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, False, 1)
+
+
+class ShapesSegmentationDataModule(SegmentationFolderDataModule):
+    """The built-in shapes dataset (generated into the cache on first use): background + 4 shape classes."""
+
+    def __init__(self, root: Optional[str] = None, model_name: Optional[str] = None, image_size: Optional[int] = 64,
+                 layout: str = "folders", reduce_zero_label: bool = False, classes: Optional[list[str]] = None,
+                 ignore_index: int = 255, scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5,
+                 batch_size: int = 16, num_workers: int = 0, predict_root: Optional[str] = None, scan: bool = True):
+        super().__init__(str(builtin_shapes(root) / "segmentation"), model_name, image_size, layout,
+                         reduce_zero_label, classes, ignore_index, scale, hflip, batch_size, num_workers,
+                         predict_root, scan)

@@ -1,0 +1,125 @@
+"""Semantic segmentation: backbone stage maps (attribute ``backbone``) into a decode head (``decode_head``)."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+import bilevel
+
+from ..models.heads import create_head
+from .optim import build_optimizer
+
+__all__ = ["SemanticSegmenter", "sliding_window_logits"]
+
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows of size ``window`` covering [0, length), the last one flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def sliding_window_logits(predict, images: Tensor, window: int, stride: int, num_classes: int) -> Tensor:
+    """Average the logits of overlapping windows: images (N, 3, H, W) -> logits (N, K, H, W).
+
+    predict: maps (N, 3, h, w) to logits (N, K, h, w). A window larger than the image is clamped to the
+    image side, so one window covering the image gives exactly the whole-image logits.
+    """
+    height, width = images.shape[-2:]
+    win_h, win_w = min(window, height), min(window, width)
+    total = images.new_zeros(images.shape[0], num_classes, height, width)
+    counts = images.new_zeros(1, 1, height, width)
+    for top in _window_starts(height, win_h, stride):
+        for left in _window_starts(width, win_w, stride):
+            crop = images[..., top:top + win_h, left:left + win_w]
+            total[..., top:top + win_h, left:left + win_w] += predict(crop)
+            counts[..., top:top + win_h, left:left + win_w] += 1
+    return total / counts
+
+
+class SemanticSegmenter(LightningModule):
+    """Fine-tune a registered backbone with a Semantic FPN or UPerNet head.
+
+    ``self.backbone``: the backbone without classifier or final norm, giving its four NCHW stage maps
+    (timm's ``forward_intermediates``); ``self.decode_head``: the head. A checkpoint's ``state_dict``
+    holds them under ``backbone.`` and ``decode_head.``; ``hyper_parameters`` hold ``model_name``,
+    ``model_kwargs``, ``head``, ``num_classes`` and ``class_names``.
+
+    head: "fpn" (Semantic FPN) or "upernet". head_kwargs: channel widths etc. of the head.
+    inference: "whole" or "slide" (windows of ``window`` px every ``stride`` px) for validation/prediction.
+    """
+
+    def __init__(self, model_name: str = "biformer_tiny", num_classes: int = 150,
+                 class_names: Optional[list[str]] = None, head: str = "fpn",
+                 head_kwargs: Optional[dict[str, Any]] = None, checkpoint_path: Optional[str] = None,
+                 drop_path_rate: float = 0.1, model_kwargs: Optional[dict[str, Any]] = None,
+                 ignore_index: int = 255, lr: float = 2e-4, weight_decay: float = 1e-4, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.01, layer_decay: Optional[float] = None, inference: str = "whole",
+                 window: int = 512, stride: int = 341):
+        super().__init__()
+        if inference not in ("whole", "slide"):
+            raise ValueError(f"inference={inference!r} must be 'whole' or 'slide'")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
+        self.save_hyperparameters()
+        self.backbone = bilevel.create_model(model_name, checkpoint_path=checkpoint_path, num_classes=0,
+                                             drop_path_rate=drop_path_rate, **(model_kwargs or {}))
+        self.backbone.prune_intermediate_layers(indices=len(self.backbone.feature_info), prune_norm=True,
+                                                prune_head=True)
+        channels = [info["num_chs"] for info in self.backbone.feature_info]
+        self.decode_head = create_head(head, channels, num_classes, **(head_kwargs or {}))
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        metric_args = dict(num_classes=num_classes, ignore_index=ignore_index)
+        self.val_miou = MulticlassJaccardIndex(average="macro", **metric_args)
+        self.val_pixel_acc = MulticlassAccuracy(average="micro", **metric_args)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (N, 3, H, W) -> logits (N, num_classes, H, W) (whole image)."""
+        features = self.backbone.forward_intermediates(images, intermediates_only=True)
+        logits = self.decode_head(features)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def infer(self, images: Tensor) -> Tensor:
+        """Logits (N, K, H, W) by the configured inference mode (whole image or sliding window)."""
+        if self.hparams.inference == "whole":
+            return self(images)
+        return sliding_window_logits(self, images, self.hparams.window, self.hparams.stride,
+                                     self.hparams.num_classes)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels, ignore_index=self.hparams.ignore_index)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def _evaluate(self, batch, stage: str) -> None:
+        images, labels = batch
+        logits = self.infer(images)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels, ignore_index=self.hparams.ignore_index),
+                 prog_bar=True, sync_dist=True)
+        predictions = logits.argmax(dim=1)
+        self.val_miou(predictions, labels)
+        self.val_pixel_acc(predictions, labels)
+        self.log(f"{stage}/miou", self.val_miou, prog_bar=True)
+        self.log(f"{stage}/pixel_acc", self.val_pixel_acc)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """{"path": [str] x N, "mask": (N, H, W) int64 class map at the input resolution}."""
+        return {"path": list(batch["path"]), "mask": self.infer(batch["image"]).argmax(dim=1)}
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return build_optimizer(self, int(self.trainer.estimated_stepping_batches), hp.lr, hp.weight_decay,
+                               hp.warmup_steps, hp.min_lr_ratio, hp.layer_decay, self.backbone, "backbone.")
