@@ -115,7 +115,7 @@ class DeBiFormer(_BiFormerBase):
         qk_dims = [qk or dim for qk, dim in zip(qk_dims, embed_dim)]
         self.downsample_layers = nn.ModuleList(
             [conv_stem(in_chans, embed_dim[0])] + [conv_downsample(embed_dim[i], embed_dim[i + 1]) for i in range(3)])
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         self.stages = nn.ModuleList(
             nn.Sequential(*[
                 Block(embed_dim[i], num_heads=qk_dims[i] // head_dim, topk=topks[i], param_size=param_size,
