@@ -32,7 +32,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ..ops.lsda import V1_BUFFER_NAMES, GroupAttention, GroupLayout, lsda, padded_key_bias, plan_groups
+from ..ops.lsda import V1_BUFFER_NAMES, GroupAttention, GroupLayout, attend_in_groups, padded_key_bias, plan_groups
 from ..ops.regions import pad_to_multiple
 from ._pyramid import PyramidBackbone, build_pyramid
 
@@ -132,7 +132,7 @@ class CrossFormerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         layout = self.layout((x.shape[1], x.shape[2]))
-        x = x + self.drop_path(lsda(self.norm1(x), self.attn, layout, self._key_bias(layout, x.device)))
+        x = x + self.drop_path(attend_in_groups(self.norm1(x), self.attn, layout, self._key_bias(layout, x.device)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
@@ -241,10 +241,6 @@ class CrossFormer(PyramidBackbone):
         """Drop the per-attention tables that released (v1) checkpoints carry (recomputed here)."""
         suffixes = tuple(f".attn.{name}" for name in V1_BUFFER_NAMES)
         return {key: value for key, value in state_dict.items() if not key.endswith(suffixes)}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"pos"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -42,7 +42,7 @@ __all__ = [
     "relative_position_index",
     "DynamicPosBias",
     "GroupAttention",
-    "lsda",
+    "attend_in_groups",
     "group_members",
     "token_groups",
 ]
@@ -255,8 +255,8 @@ class GroupAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, group_size={self.group_size}"
 
 
-def lsda(x: Tensor, attention: GroupAttention, layout: GroupLayout,
-         key_bias: Optional[Tensor] = None) -> Tensor:
+def attend_in_groups(x: Tensor, attention: GroupAttention, layout: GroupLayout,
+                     key_bias: Optional[Tensor] = None) -> Tensor:
     """Grouped attention over a map: pad, group, attend, ungroup, crop.
 
     x: (N, H, W, C) (already normalised); key_bias: :func:`padded_key_bias` of the layout (pass a

@@ -10,7 +10,7 @@ from bilevel.ops.lsda import (
     GroupAttention,
     group_members,
     group_tokens,
-    lsda,
+    attend_in_groups,
     padded_key_bias,
     plan_groups,
     relative_offsets,
@@ -175,12 +175,12 @@ def test_v1_tables_are_dropped_on_load():
     assert torch.equal(fresh.relative_position_index, relative_position_index(7))
 
 
-def test_lsda_crops_padding_and_records_the_grouping():
+def test_attend_in_groups_crops_padding_and_records_the_grouping():
     attention = GroupAttention(dim=32, num_heads=2, group_size=3).eval()
     x = _map(10, 13, channels=32)
     layout = plan_groups((10, 13), 3, 2, long_distance=True)
     with torch.no_grad(), record_routing(attention) as trace:
-        out = lsda(x, attention, layout)
+        out = attend_in_groups(x, attention, layout)
     assert out.shape == x.shape and torch.isfinite(out).all()
     (record,) = trace
     assert record.kind == "lsda" and record.map_size == (10, 13)
@@ -189,6 +189,6 @@ def test_lsda_crops_padding_and_records_the_grouping():
     # a real token's output ignores what the padded keys would have held
     grown = torch.nn.functional.pad(x, (0, 0, 0, 5, 0, 2), value=3.0)
     with torch.no_grad():
-        again = lsda(grown, attention, plan_groups((12, 18), 3, 2, long_distance=True),
+        again = attend_in_groups(grown, attention, plan_groups((12, 18), 3, 2, long_distance=True),
                      key_bias=padded_key_bias(layout))
     torch.testing.assert_close(again[:, :10, :13], out, rtol=1e-5, atol=1e-5)
