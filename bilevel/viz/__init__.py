@@ -11,10 +11,10 @@ points   - sampling points (e.g. DeBiFormer's deformed agents) as dots
 """
 from .heatmaps import overlay_heatmap, plot_affinity, region_values_to_map
 from .images import load_sample_image, to_uint8_image
-from .points import draw_points
+from .points import draw_points, map_points_to_pixels
 from .regions import draw_region_grid, draw_routes, highlight_regions, region_boxes, token_boxes
 
 __all__ = [
     "overlay_heatmap", "plot_affinity", "region_values_to_map", "load_sample_image", "to_uint8_image",
-    "draw_points", "draw_region_grid", "draw_routes", "highlight_regions", "region_boxes", "token_boxes",
+    "draw_points", "map_points_to_pixels", "draw_region_grid", "draw_routes", "highlight_regions", "region_boxes", "token_boxes",
 ]

@@ -6,7 +6,28 @@ from PIL import Image, ImageDraw
 
 from .images import to_uint8_image
 
-__all__ = ["draw_points"]
+__all__ = ["draw_points", "map_points_to_pixels"]
+
+
+def map_points_to_pixels(points_yx, map_size: tuple[int, int], image_size: tuple[int, int],
+                         padded_map_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Normalized (y, x) positions on a token map -> (x, y) pixel coordinates on the image.
+
+    points_yx: (..., 2) in [-1, 1], align-corners convention of the (padded) map: -1 and 1 are the
+    centres of its first and last tokens (how ``grid_sample(align_corners=True)`` and DBRA's
+    recorded ``sampling_points`` read them).
+    map_size: (H, W) tokens covering the image; padded_map_size: the map the positions refer to
+    when it was padded bottom/right (default: map_size).
+    returns: (P, 2) (x, y) pixel coordinates, token centres landing on the centres of their pixel blocks.
+    """
+    array = np.asarray(points_yx.detach().cpu() if hasattr(points_yx, "detach") else points_yx, dtype=np.float64)
+    if array.shape[-1] != 2:
+        raise ValueError(f"points_yx must end in a (y, x) pair, got shape {array.shape}")
+    array = array.reshape(-1, 2)
+    padded_h, padded_w = padded_map_size or map_size
+    tokens = (array + 1.0) / 2.0 * np.array([padded_h - 1, padded_w - 1])          # (y, x) in tokens
+    pixels = (tokens + 0.5) * np.array([image_size[0] / map_size[0], image_size[1] / map_size[1]]) - 0.5
+    return pixels[:, ::-1].copy()
 
 
 def draw_points(image, points, normalized: bool = True, color: tuple[int, int, int] = (255, 60, 60),

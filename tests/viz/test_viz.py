@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from bilevel.ops import region_partition  # noqa: E402
-from bilevel.viz import (draw_points, draw_region_grid, draw_routes, highlight_regions, load_sample_image,  # noqa: E402
+from bilevel.viz import (draw_points, map_points_to_pixels, draw_region_grid, draw_routes, highlight_regions, load_sample_image,  # noqa: E402
                          overlay_heatmap, plot_affinity, region_boxes, region_values_to_map, to_uint8_image,
                          token_boxes)
 
@@ -136,3 +136,14 @@ def test_images_convert_and_load():
     assert load_sample_image("chelsea", size=(60, 80)).shape == (60, 80, 3)
     with pytest.raises(ValueError, match="unknown sample image"):
         load_sample_image("lena")
+
+
+def test_map_points_land_on_token_centres():
+    # a 4x4 map over a 40x80 image: tokens are 10x20 pixel blocks; (y, x) = (-1, 1) is the top-right token
+    pixels = map_points_to_pixels(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]), map_size=(4, 4), image_size=(40, 80))
+    assert np.allclose(pixels, [[69.5, 4.5], [9.5, 34.5]])  # (x, y): centres of the corner blocks
+    # positions on a map padded from 3x3 to 4x4: the padded last token lies outside the image
+    padded = map_points_to_pixels(np.array([[1.0, 1.0]]), map_size=(3, 3), image_size=(30, 30), padded_map_size=(4, 4))
+    assert np.allclose(padded, [[34.5, 34.5]])
+    with pytest.raises(ValueError, match="pair"):
+        map_points_to_pixels(np.zeros((2, 3)), (4, 4), (8, 8))
