@@ -22,6 +22,14 @@ padded deformed tokens (position (0, 0), the map centre) stay in the final atten
 the official code; the output is cropped. With ``auto_pad=False`` both the map and the deformed grid
 must already split into ``n_win x n_win`` regions (the published code crashes there instead: its
 ``Hg, Wg`` exist only on the padding path; for such sizes padding is a no-op, so both agree).
+
+Recording (``bilevel.ops.record_routing``): every call emits a ``"dbra"`` record with the routing
+``indices`` (N, n_win², topk) and ``logits``, and in ``extras``: ``sampling_points`` (N, g, Hk, Wk, 2),
+the clamped positions as (y, x) in [-1, 1] in the align-corners convention of the (padded) input map
+(-1 and 1 are the centres of its first and last pixels: pixel = (p + 1) / 2 * (side - 1)),
+``reference_points`` (Hk, Wk, 2) the un-moved pixel centres of the deformed grid, ``padded_map_size``,
+``deformed_grid`` (Hg, Wg) and ``deformed_region_size``. ``region_size`` is the key region size on
+the (padded) input map.
 """
 from __future__ import annotations
 
