@@ -225,7 +225,7 @@ class GroupAttention(nn.Module):
             offsets = relative_offsets(group_size, self.biases.device)
             index = relative_position_index(group_size, self.biases.device)
         tokens = group_size * group_size
-        table = self.pos(offsets)                                         # ((2G-1)^2, heads)
+        table = self.pos(offsets.to(self.pos.pos_proj.weight.dtype))   # ((2G-1)^2, heads)
         return table[index.reshape(-1)].reshape(tokens, tokens, self.num_heads).permute(2, 0, 1)
 
     def forward(self, groups: Tensor, group_size: int, key_bias: Optional[Tensor] = None) -> Tensor:

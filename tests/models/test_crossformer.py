@@ -139,6 +139,17 @@ def test_any_input_size(height, width, batch):
             torch.testing.assert_close(model(x[1:2]), logits[1:2], rtol=1e-5, atol=1e-5)
 
 
+def test_float64_follows_float32():
+    """Every table (including those made on the fly for non-nominal group sizes) follows the model dtype."""
+    model = _small()
+    x = torch.randn(1, 3, 97, 75)
+    with torch.no_grad():
+        single = model(x)
+        double = model.double()(x.double())
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-5)
+
+
 def test_grouping_follows_the_run_time_size():
     """img_size only fixes the v1 table shapes: built for 224 or 256, a 256 input gives the same output."""
     at_224, at_256 = _small(img_size=224), _small(img_size=256)
