@@ -1,0 +1,80 @@
+"""``bilevel fit / predict / fit --ckpt_path`` for classification, through the real command."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bilevel
+from bilevel.data import ShapesClassificationDataModule, read_image
+from bilevel.models.loading import read_checkpoint
+
+from .conftest import CONFIGS, column, read_metrics, run_bilevel
+
+CONFIG = str(CONFIGS / "quickstart_classification.yaml")
+RUN_DIR = Path("lightning_logs/quickstart_classification")
+
+
+def _probabilities_in_process(checkpoint: Path, paths: list[str], cache: Path) -> np.ndarray:
+    """Class probabilities of the checkpoint's backbone, rebuilt by the library loader alone."""
+    hparams = read_checkpoint(checkpoint)["hyper_parameters"]
+    model = bilevel.create_model(hparams["model_name"], checkpoint_path=checkpoint, **hparams["model_kwargs"]).eval()
+    transform = ShapesClassificationDataModule(root=str(cache), model_name=hparams["model_name"]).transform(False)
+    images = torch.stack([transform(read_image(path)) for path in paths])
+    with torch.no_grad():
+        return torch.softmax(model(images), dim=-1).numpy()
+
+
+def test_fit_learns_predict_matches_checkpoint_and_resume_continues(tmp_path, bilevel_cache):
+    run_bilevel(["fit", "--config", CONFIG, "--trainer.max_epochs", "2"], tmp_path, bilevel_cache)
+    first = tmp_path / RUN_DIR / "version_0"
+    rows = read_metrics(first)
+    losses, accuracy = column(rows, "train/loss"), column(rows, "val/acc1")
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    assert accuracy[-1] > 0.5, f"validation top-1 {accuracy} is not above chance (0.25)"
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    assert list((first / "checkpoints").glob("best-*.ckpt")), "no best checkpoint written"
+    saved = read_checkpoint(checkpoint)
+    assert saved["hyper_parameters"]["class_names"] == ["circle", "cross", "square", "triangle"]
+
+    run_bilevel(["predict", "--config", CONFIG, "--ckpt_path", str(checkpoint)], tmp_path, bilevel_cache)
+    [table] = (tmp_path / RUN_DIR).glob("version_*/predictions/predictions.csv")
+    with open(table, newline="") as handle:
+        predicted = list(csv.DictReader(handle))
+    assert len(predicted) == 48
+    names = saved["hyper_parameters"]["class_names"]
+    written = np.array([[float(row[name]) for name in names] for row in predicted])
+    expected = _probabilities_in_process(checkpoint, [row["path"] for row in predicted], bilevel_cache)
+    np.testing.assert_allclose(written, expected, atol=1e-4)
+    assert [row["label"] for row in predicted] == [names[i] for i in expected.argmax(1)]
+
+    steps_per_epoch = saved["global_step"] // 2
+    run_bilevel(["fit", "--config", CONFIG, "--trainer.max_epochs", "3", "--ckpt_path", str(checkpoint)],
+                tmp_path, bilevel_cache)
+    [resumed] = [path for path in (tmp_path / RUN_DIR).glob("version_*/checkpoints/last.ckpt")
+                 if path != checkpoint]
+    resumed_state = read_checkpoint(resumed)
+    assert resumed_state["epoch"] == 2
+    assert resumed_state["global_step"] == saved["global_step"] + steps_per_epoch
+    resumed_steps = [int(row["step"]) for row in read_metrics(resumed.parents[1]) if row.get("train/loss")]
+    assert min(resumed_steps) >= saved["global_step"]
+
+
+def test_ddp_two_processes_on_a_user_folder_agrees_with_one_process(tmp_path, bilevel_cache):
+    """DDP (gloo, 2 CPU processes) fits a plain image folder; its metrics match a single-process validation."""
+    root = bilevel.data.builtin_shapes(bilevel_cache) / "classification"
+    data = ["--data", "bilevel.data.ImageFolderDataModule", "--data.root", str(root), "--data.batch_size", "8"]
+    run_bilevel(["fit", "--config", CONFIG, *data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
+                 "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+                tmp_path, bilevel_cache)
+    ddp_dir = tmp_path / RUN_DIR / "version_0"
+    ddp = read_metrics(ddp_dir)
+    checkpoint = ddp_dir / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(checkpoint)["global_step"] == 4
+
+    run_bilevel(["validate", "--config", CONFIG, *data, "--ckpt_path", str(checkpoint)], tmp_path, bilevel_cache)
+    single = read_metrics(tmp_path / RUN_DIR / "version_1")
+    assert abs(column(ddp, "val/acc1")[-1] - column(single, "val/acc1")[-1]) <= 0.05
+    np.testing.assert_allclose(column(ddp, "val/loss")[-1], column(single, "val/loss")[-1], rtol=0.05)
