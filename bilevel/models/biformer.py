@@ -326,7 +326,7 @@ class BiFormer(_BiFormerBase):
         self.downsample_layers = nn.ModuleList(
             [conv_stem(in_chans, embed_dim[0])]
             + [conv_downsample(embed_dim[i], embed_dim[i + 1]) for i in range(3)])
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i in range(4):
             first = sum(depth[:i])
@@ -361,7 +361,7 @@ class BiFormerSTL(_BiFormerBase):
             [nn.Sequential(nn.Conv2d(in_chans, embed_dim[0], kernel_size=4, stride=4), nn.BatchNorm2d(embed_dim[0]))]
             + [nn.Sequential(nn.BatchNorm2d(embed_dim[i]), nn.Conv2d(embed_dim[i], embed_dim[i + 1], 2, stride=2))
                for i in range(3)])
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         block = partial(STLBlock, side_dwconv=side_dwconv, nchw=nchw, auto_pad=auto_pad, backend=attn_backend)
         self.stages = nn.ModuleList(
             STLStage([block(embed_dim[i], num_heads=embed_dim[i] // head_dim, topk=topks[i], n_win=n_wins[i],

@@ -10,7 +10,6 @@ import argparse
 import pathlib
 import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -63,8 +62,9 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             f"{path} holds Python objects that a weights-only load refuses ({_first_line(error)}); "
             "bilevel loads weights only: save the state dict (torch.save(model.state_dict(), path))"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)})") from None
+    except Exception as error:  # the unpickler fails in many ways on files that are not checkpoints
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: "
+                              f"{_first_line(error)})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     return dict(obj)
@@ -170,7 +170,7 @@ def create_model(name: str, checkpoint_path: Optional[PathLike] = None, num_clas
             warnings.warn(f"{checkpoint_path}: loaded everything but the classifier ({', '.join(replaced)}), "
                           f"which was re-initialised for {num_classes} classes", stacklevel=2)
     if features_only:
-        from timm.models import FeatureGetterNet
+        from timm.models._features import FeatureGetterNet
         model = FeatureGetterNet(model, out_indices=out_indices)
     return model
 
