@@ -39,7 +39,8 @@ def parameter_groups(module: nn.Module, weight_decay: float, lr: float, layer_de
             raise ValueError(f"layer_decay={layer_decay} needs a backbone with timm's group_matcher() "
                              f"({type(backbone).__name__} has none); set layer_decay to null")
         inner = tuple(name[len(backbone_prefix):] for name in skip if name.startswith(backbone_prefix))
-        for group in param_groups_layer_decay(backbone, weight_decay, inner, layer_decay):
+        for group in param_groups_layer_decay(backbone, weight_decay=weight_decay, no_weight_decay_list=inner,
+                                              layer_decay=layer_decay):
             groups.append(dict(group, lr=lr * group["lr_scale"]))
             in_layer_groups.update(id(p) for p in group["params"])
     rest = [(name, p) for name, p in named if id(p) not in in_layer_groups]
