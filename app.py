@@ -1,0 +1,248 @@
+"""The bilevel demo: upload an image, see the top-5 predictions beside the routed regions.
+
+    python app.py                                   # the embedded demo model on http://127.0.0.1:7860
+    python app.py --model biformer_tiny --checkpoint biformer_tiny.pth --port 7861
+
+Model loading and the cached forward pass live in :mod:`bilevel.serving`, the drawing in
+:mod:`bilevel.viz.routing_view`; this file wires them to the interface.
+"""
+from __future__ import annotations
+
+import argparse
+import threading
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+import bilevel
+from bilevel.data.shapes import SHAPE_CLASSES, render_scene
+from bilevel.serving import (EMBEDDED_MODEL, Analysis, Predictor, ServedModel, ServingError, fit_picture,
+                             load_served_model, read_upload)
+from bilevel.viz.images import SAMPLE_IMAGES, load_sample_image
+from bilevel.viz.routing_view import draw_lsda_group, draw_routing, region_at, routing_layers
+
+#: the longer side of the pictures the interface shows
+DISPLAY_SIDE = 448
+#: uploads (images and checkpoints) larger than this are refused by the server
+MAX_FILE_SIZE = "400mb"
+
+
+def builtin_examples() -> dict[str, Callable[[], Image.Image]]:
+    """Example name -> picture: scikit-image's sample photos and one validation picture per built-in shape."""
+    examples: dict[str, Callable[[], Image.Image]] = {
+        f"photo: {name}": (lambda name=name: Image.fromarray(load_sample_image(name))) for name in SAMPLE_IMAGES}
+    found: dict[str, int] = {}
+    seed = 100_000  # the validation split of bilevel.data.shapes
+    while len(found) < len(SHAPE_CLASSES):
+        dominant = render_scene(seed)[2]
+        found.setdefault(SHAPE_CLASSES[dominant], seed)
+        seed += 1
+    for name in SHAPE_CLASSES:
+        examples[f"shapes: {name}"] = lambda seed=found[name]: render_scene(seed)[0]
+    return examples
+
+
+class ModelShelf:
+    """The served models: the startup model always, plus the last few a user loaded (by key)."""
+
+    def __init__(self, default: ServedModel, capacity: int = 3):
+        self.default = default
+        self.capacity = capacity
+        self._loaded: OrderedDict[str, ServedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, served: ServedModel) -> str:
+        with self._lock:
+            self._loaded[served.key] = served
+            self._loaded.move_to_end(served.key)
+            while len(self._loaded) > self.capacity:
+                self._loaded.popitem(last=False)
+        return served.key
+
+    def get(self, key: Optional[str]) -> ServedModel:
+        if not key or key == self.default.key:
+            return self.default
+        with self._lock:
+            if key not in self._loaded:
+                raise ServingError("the model you loaded was unloaded to make room for others: load it again")
+            return self._loaded[key]
+
+
+def display_picture(picture: Image.Image) -> np.ndarray:
+    """The picture at the interface's size (longer side DISPLAY_SIDE, small pictures enlarged)."""
+    scale = DISPLAY_SIDE / max(picture.size)
+    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 4 else Image.Resampling.LANCZOS
+    return np.asarray(picture.resize(size, resample))
+
+
+def describe_model(served: ServedModel) -> str:
+    names = ", ".join(served.class_names[:6]) + (", ..." if len(served.class_names) > 6 else "")
+    return (f"**{served.name}** — {len(served.class_names)} classes ({names}); "
+            f"input {served.input_size}x{served.input_size}")
+
+
+def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_x: float, point_y: float):
+    """(routes image, heat image, message, block slider) for the query point (fractions of the image size)."""
+    if analysis is None:
+        return None, None, "Upload an image or pick an example first.", gr.Slider()
+    layers = routing_layers(analysis.records)
+    if not layers:
+        return None, None, "This model records no routing.", gr.Slider()
+    stage = int(stage)
+    if stage not in {s for s, _ in layers}:
+        stage = min(s for s, _ in layers)
+    blocks = sorted(b for s, b in layers if s == stage)
+    block = min(max(int(block), blocks[0]), blocks[-1])
+    record = layers[stage, block]
+    picture = display_picture(analysis.picture)
+    point = (float(point_x), float(point_y))
+    block_slider = gr.Slider(minimum=blocks[0], maximum=max(blocks[-1], blocks[0] + 1), value=block)
+    if record.kind == "lsda":
+        grouped = draw_lsda_group(picture, record, point)
+        return grouped, None, (f"Stage {stage}, block {block}: {record.extras['mode'].upper()} group of the clicked "
+                               "token (CrossFormer routes nothing: it attends within groups)."), block_slider
+    region = region_at(point, record)
+    routes, heat = draw_routing(picture, record, region)
+    routed = ", ".join(str(int(r)) for r in record.indices[0, region].tolist())
+    rows, cols = record.region_grid
+    message = (f"Stage {stage}, block {block} ({record.kind}): query region {region} of the {rows}x{cols} grid "
+               f"routes to regions {routed} (numbered best first).")
+    if record.kind == "dbra":
+        message += " Dots: its deformed sampling points."
+    return routes, heat, message, block_slider
+
+
+def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> gr.Blocks:
+    """The interface around ``default`` (the model every session starts with)."""
+    predictor = predictor or Predictor()
+    shelf = ModelShelf(default)
+    examples = builtin_examples()
+    model_choices = [EMBEDDED_MODEL] + list(bilevel.list_models())
+
+    def analysed(picture: Optional[Image.Image], model_key: str, stage: int, block: int, x: float, y: float):
+        try:
+            if picture is None:
+                raise ServingError("Upload an image or pick an example first.")
+            analysis = predictor.analyse(shelf.get(model_key), fit_picture(picture))
+        except ServingError as error:
+            gr.Warning(str(error))
+            return None, {}, None, None, f"**Could not analyse the image:** {error}", gr.Slider(), gr.Slider()
+        layers = routing_layers(analysis.records)
+        stages = sorted({s for s, _ in layers}) or [0]
+        stage = int(stage) if int(stage) in stages else stages[0]
+        stage_slider = gr.Slider(minimum=stages[0], maximum=max(stages[-1], stages[0] + 1), value=stage)
+        routes, heat, message, block_slider = routing_outputs(analysis, stage, block, x, y)
+        return analysis, analysis.top(5), routes, heat, message, stage_slider, block_slider
+
+    def analyse_upload(path, model_key, stage, block, x, y):
+        try:
+            picture = read_upload(path) if path else None
+        except ServingError as error:
+            gr.Warning(str(error))
+            return None, {}, None, None, f"**Could not read the upload:** {error}", gr.Slider(), gr.Slider()
+        return analysed(picture, model_key, stage, block, x, y)
+
+    def analyse_example(name, model_key, stage, block, x, y):
+        if name not in examples:
+            return None, {}, None, None, "Pick one of the listed examples.", gr.Slider(), gr.Slider()
+        return analysed(examples[name](), model_key, stage, block, x, y)
+
+    def clicked(analysis, stage, block, evt: gr.SelectData):
+        if analysis is None or evt.index is None:
+            return gr.Number(), gr.Number(), *routing_outputs(analysis, stage, block, 0.5, 0.5)
+        height, width = display_picture(analysis.picture).shape[:2]
+        x, y = (evt.index[0] + 0.5) / width, (evt.index[1] + 0.5) / height
+        return x, y, *routing_outputs(analysis, stage, block, x, y)
+
+    def load_model(choice, checkpoint_path, current_key, analysis, stage, block, x, y):
+        try:
+            if choice == EMBEDDED_MODEL:
+                if checkpoint_path:
+                    raise ServingError("the embedded model takes no checkpoint: choose a model variant for yours")
+                key = shelf.default.key
+            else:
+                key = shelf.add(load_served_model(choice, checkpoint_path, label="the uploaded checkpoint"))
+        except ServingError as error:
+            gr.Warning(str(error))
+            return (current_key, f"**Could not load the model:** {error}", analysis, gr.Label(), gr.Image(),
+                    gr.Image(), gr.Markdown(), gr.Slider(), gr.Slider())
+        picture = analysis.picture if analysis is not None else None
+        outputs = analysed(picture, key, stage, block, x, y) if picture is not None else (
+            None, {}, None, None, "Model loaded: upload an image or pick an example.", gr.Slider(), gr.Slider())
+        return (key, describe_model(shelf.get(key)), *outputs)
+
+    with gr.Blocks(title="bilevel: bi-level routing attention") as demo:
+        gr.Markdown("# Bi-level routing attention, live\nUpload an image or pick an example: the model's top-5 "
+                    "classes, and for the region you click, the regions its attention was routed to.")
+        model_key = gr.State(default.key)
+        analysis = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath")
+                example = gr.Dropdown(list(examples), value=None, label="or pick an example")
+                predictions = gr.Label(num_top_classes=5, label="Top-5 predictions")
+                with gr.Accordion("Model", open=False):
+                    choice = gr.Dropdown(model_choices, value=EMBEDDED_MODEL, label="Model")
+                    checkpoint = gr.File(label="Checkpoint (official .pth or bilevel fit .ckpt)",
+                                         file_types=[".pth", ".pt", ".ckpt", ".bin"], type="filepath")
+                    load = gr.Button("Load model")
+                    model_info = gr.Markdown(describe_model(default))
+            with gr.Column(scale=2):
+                status = gr.Markdown("Upload an image or pick an example.")
+                with gr.Row():
+                    stage = gr.Slider(0, 3, value=0, step=1, label="Stage")
+                    block = gr.Slider(0, 1, value=0, step=1, label="Block")
+                with gr.Row():
+                    routes = gr.Image(label="Routed regions (click a region)", type="numpy", interactive=False,
+                                      format="png", elem_id="routes")
+                    heat = gr.Image(label="Region affinity of the query region", type="numpy", interactive=False,
+                                    format="png", elem_id="heat")
+                with gr.Row():
+                    point_x = gr.Number(0.5, label="Query point x (fraction of the width)", minimum=0, maximum=1)
+                    point_y = gr.Number(0.5, label="Query point y (fraction of the height)", minimum=0, maximum=1)
+
+        analysis_outputs = [analysis, predictions, routes, heat, status, stage, block]
+        view = [analysis, stage, block, point_x, point_y]
+        upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y], analysis_outputs,
+                      api_name="analyse_upload")
+        example.input(analyse_example, [example, model_key, stage, block, point_x, point_y], analysis_outputs,
+                      api_name="analyse_example")
+        routes.select(clicked, [analysis, stage, block], [point_x, point_y, routes, heat, status, block],
+                      api_visibility="private")
+        for control in (stage, block):
+            control.release(routing_outputs, view, [routes, heat, status, block], api_visibility="private")
+        for control in (point_x, point_y):
+            control.submit(routing_outputs, view, [routes, heat, status, block], api_visibility="private")
+        gr.Button("Redraw", size="sm").click(routing_outputs, view, [routes, heat, status, block], api_name="route")
+        load.click(load_model, [choice, checkpoint, model_key, analysis, stage, block, point_x, point_y],
+                   [model_key, model_info] + analysis_outputs, api_name="load_model")
+    return demo
+
+
+def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--model", default=None, help="registered variant (default: the embedded demo model)")
+    parser.add_argument("--checkpoint", default=None, help="official .pth or bilevel fit .ckpt for --model")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests computed at once (default 2)")
+    return parser.parse_args(args)
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    options = parse_args(args)
+    try:
+        default = load_served_model(options.model, options.checkpoint)
+    except ServingError as error:
+        raise SystemExit(f"app.py: {error}") from None
+    demo = build_demo(default)
+    demo.queue(default_concurrency_limit=options.concurrency, max_size=64)
+    demo.launch(server_name=options.host, server_port=options.port, max_file_size=MAX_FILE_SIZE, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

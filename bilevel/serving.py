@@ -1,0 +1,321 @@
+"""What the app serves: loading a model for inference, and one cached forward pass per image and model.
+
+    served = load_served_model()                                  # the embedded demo model
+    served = load_served_model("biformer_tiny", "biformer_tiny.pth")  # official or ``bilevel fit`` checkpoint
+    analysis = Predictor().analyse(served, picture)               # top-5 + every routing record
+
+A :class:`Predictor` keeps the last analyses (keyed by model and image content), so redrawing the
+routing for another query region, stage or block never runs the network again. Every failure a user
+can cause (a bad upload, a checkpoint of another architecture) raises :class:`ServingError` with a
+message meant for the interface.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .data.images import ImageReadError, image_to_tensor, read_image
+from .models.loading import CheckpointError, extract_state_dict, load_weights, read_checkpoint
+from .ops.recording import RoutingRecord, record_routing
+
+__all__ = ["EMBEDDED_CHECKPOINT", "EMBEDDED_MODEL", "MIN_IMAGE_SIDE", "WORKING_IMAGE_SIDE", "ServingError",
+           "ServedModel", "Analysis", "Predictor", "load_served_model", "read_upload", "fit_picture",
+           "export_checkpoint"]
+
+PathLike = Union[str, Path]
+
+#: the checkpoint of the embedded demo model (``lightning_configs/demo_classification.yaml``)
+EMBEDDED_CHECKPOINT = Path(__file__).parent / "assets" / "demo_classification.ckpt"
+#: how the interface names the embedded model
+EMBEDDED_MODEL = "embedded demo (BiFormer on the built-in shapes)"
+#: images with a shorter side are refused: nothing to route on
+MIN_IMAGE_SIDE = 16
+#: uploads are shrunk to at most this many pixels on their longer side before anything else
+WORKING_IMAGE_SIDE = 1024
+
+
+class ServingError(ValueError):
+    """A problem the user caused or can fix (bad upload, unsuitable checkpoint); the message is for them."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A classifier ready for inference.
+
+    key: identifies model + weights in caches; name: registered variant; model: in eval mode;
+    class_names: one per output; input_size: side S of the (S, S) input; mean/std: input normalisation.
+    """
+
+    key: str
+    name: str
+    model: nn.Module
+    class_names: tuple[str, ...]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class Analysis:
+    """One forward pass over one picture.
+
+    picture: the working picture (RGB, longer side <= WORKING_IMAGE_SIDE) the routing is drawn on
+    probabilities: (num_classes,) softmax; records: the routing records, batch of one
+    """
+
+    model_key: str
+    picture: Image.Image
+    probabilities: Tensor
+    class_names: tuple[str, ...]
+    records: list[RoutingRecord] = field(default_factory=list)
+
+    def top(self, k: int = 5) -> dict[str, float]:
+        """The k most probable classes: {name: probability}, best first."""
+        values, indices = self.probabilities.topk(min(k, self.probabilities.numel()))
+        return {self.class_names[i]: float(v) for v, i in zip(values.tolist(), indices.tolist())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------
+
+def fit_picture(picture: Image.Image, max_side: int = WORKING_IMAGE_SIDE) -> Image.Image:
+    """Check the picture's size and shrink it so that its longer side is at most ``max_side``.
+
+    raises: ServingError when a side is shorter than :data:`MIN_IMAGE_SIDE`.
+    """
+    width, height = picture.size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ServingError(f"the image is {width}x{height} pixels: it needs at least {MIN_IMAGE_SIDE} pixels "
+                           "on each side to be split into regions")
+    scale = max_side / max(width, height)
+    if scale < 1:
+        picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                                 Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return picture.convert("RGB")
+
+
+def read_upload(path: PathLike, label: str = "the uploaded file") -> Image.Image:
+    """An uploaded file -> working picture (RGB, size checked and bounded), through ``bilevel.data.images``.
+
+    label: how messages name the file (never the server path).
+    raises: ServingError with a message for the interface.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ServingError(f"{label} is empty")
+    try:
+        picture = read_image(path)
+    except ImageReadError as error:
+        reason = str(error).split(": ", 1)[-1]
+        raise ServingError(f"{label} is not a readable image: {reason}") from None
+    except Image.DecompressionBombError:
+        raise ServingError(f"{label} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS} "
+                           "pixels)") from None
+    return fit_picture(picture)
+
+
+def picture_digest(picture: Image.Image) -> str:
+    """Content hash of a picture (size and pixels)."""
+    digest = hashlib.sha256(f"{picture.size}{picture.mode}".encode())
+    digest.update(picture.tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+def _imagenet_names() -> tuple[str, ...]:
+    from timm.data import ImageNetInfo
+
+    return tuple(ImageNetInfo("imagenet-1k").label_descriptions())
+
+
+def _class_names(count: int, names: Optional[list[str]]) -> tuple[str, ...]:
+    if names is not None and len(names) == count:
+        return tuple(str(name) for name in names)
+    if count == 1000:
+        return _imagenet_names()
+    return tuple(f"class {index}" for index in range(count))
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def load_served_model(name: Optional[str] = None, checkpoint: Optional[PathLike] = None,
+                      label: Optional[str] = None) -> ServedModel:
+    """Build a registered classifier and load its weights for inference.
+
+    name: a registered variant (``bilevel.list_models()``); None with no checkpoint: the embedded demo model;
+        None with a ``bilevel fit`` checkpoint: the variant the checkpoint was trained as.
+    checkpoint: an official ``.pth`` or a ``bilevel fit`` ``.ckpt`` (read weights-only); None with a name gives
+        random weights (ImageNet-sized head), useful only to look at the routing machinery.
+    label: how messages name the checkpoint (default: its file name).
+    raises: ServingError for an unknown name, a file that is not a checkpoint or one that does not fit.
+    """
+    from . import list_models
+
+    if name is None and checkpoint is None:
+        checkpoint = EMBEDDED_CHECKPOINT
+    label = label or (Path(checkpoint).name if checkpoint is not None else "")
+    contents: Mapping[str, Any] = {}
+    if checkpoint is not None:
+        try:
+            contents = read_checkpoint(checkpoint)
+            state = extract_state_dict(contents, source=label)
+        except (CheckpointError, FileNotFoundError) as error:
+            raise ServingError(str(error).replace(str(checkpoint), label)) from None
+    hyper = dict(contents.get("hyper_parameters") or {})
+    trained_as = hyper.get("model_name")
+    name = name or trained_as
+    if name is None:
+        raise ServingError(f"{label} does not say which model it belongs to: choose a model variant")
+    if name not in list_models():
+        raise ServingError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if trained_as is not None and trained_as != name:
+        raise ServingError(f"{label} was trained as {trained_as}, not {name}: choose {trained_as}")
+    num_classes = int(state["head.weight"].shape[0]) if checkpoint is not None and "head.weight" in state else 1000
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **(hyper.get("model_kwargs") or {}))
+    if checkpoint is not None:
+        try:
+            load_weights(model, state, source=label)
+        except CheckpointError as error:
+            raise ServingError(str(error)) from None
+    model.eval()
+    cfg = dict(model.pretrained_cfg)
+    data_hyper = contents.get("datamodule_hyper_parameters") or {}
+    input_size = int(data_hyper.get("image_size") or cfg.get("input_size", (3, 224, 224))[-1])
+    key = f"{name}:{_file_digest(Path(checkpoint)) if checkpoint is not None else 'random'}"
+    return ServedModel(key=key, name=name, model=model,
+                       class_names=_class_names(num_classes, hyper.get("class_names")), input_size=input_size,
+                       mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference
+# ----------------------------------------------------------------------------------------------
+
+def _first_image(record: RoutingRecord) -> RoutingRecord:
+    """The record of a batch of one, kept on the CPU (tensors keep their leading batch dimension)."""
+    def cpu(value):
+        return value.cpu() if isinstance(value, Tensor) else value
+
+    return RoutingRecord(module=record.module, kind=record.kind, map_size=record.map_size,
+                         region_grid=record.region_grid, region_size=record.region_size,
+                         indices=cpu(record.indices), logits=cpu(record.logits),
+                         extras={key: cpu(value) for key, value in record.extras.items()})
+
+
+class Predictor:
+    """Runs a served model on pictures, remembering the last ``capacity`` analyses.
+
+    ``forward_passes`` counts the network runs (a cache hit does not run it). Thread-safe: concurrent
+    requests for the same picture and model wait for one forward pass.
+    """
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self.forward_passes = 0
+        self._cache: OrderedDict[tuple[str, str], Analysis] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], threading.Lock] = {}
+
+    def analyse(self, served: ServedModel, picture: Image.Image) -> Analysis:
+        """Top classes and routing records of ``picture`` (a working picture, see :func:`fit_picture`)."""
+        key = (served.key, picture_digest(picture))
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            pending = self._pending.setdefault(key, threading.Lock())
+        with pending:
+            with self._lock:
+                if key in self._cache:
+                    return self._cache[key]
+            analysis = self._run(served, picture)
+            with self._lock:
+                self._cache[key] = analysis
+                self._pending.pop(key, None)
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
+        return analysis
+
+    def _run(self, served: ServedModel, picture: Image.Image) -> Analysis:
+        side = served.input_size
+        batch = image_to_tensor(picture.resize((side, side), Image.Resampling.BICUBIC), served.mean, served.std)[None]
+        with torch.inference_mode(), record_routing(served.model) as trace:
+            logits = served.model(batch)
+        with self._lock:
+            self.forward_passes += 1
+        return Analysis(model_key=served.key, picture=picture, probabilities=torch.softmax(logits[0].float(), dim=-1),
+                        class_names=served.class_names, records=[_first_image(record) for record in trace])
+
+
+# ----------------------------------------------------------------------------------------------
+# Exporting a training checkpoint for serving
+# ----------------------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """Hyper-parameters as plain Python containers (what a weights-only load accepts)."""
+    if isinstance(value, Mapping) or isinstance(value, argparse.Namespace):
+        items = vars(value).items() if isinstance(value, argparse.Namespace) else value.items()
+        return {str(key): _plain(item) for key, item in items}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def export_checkpoint(source: PathLike, target: PathLike, half: bool = True) -> Path:
+    """Keep what serving needs of a ``bilevel fit`` checkpoint: the backbone weights and the hyper-parameters.
+
+    Drops the optimizer state and stores floating-point weights in half precision (``half``), which
+    makes the file about a sixth of the training checkpoint. returns: the target path.
+    """
+    contents = read_checkpoint(source)
+    state = extract_state_dict(contents, source=str(source))
+    if half:
+        state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
+    exported = {"state_dict": {f"model.{key}": value for key, value in state.items()},
+                "hyper_parameters": _plain(contents.get("hyper_parameters") or {}),
+                "datamodule_hyper_parameters": _plain(contents.get("datamodule_hyper_parameters") or {})}
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(exported, target)
+    return target
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """``python -m bilevel.serving export SOURCE.ckpt TARGET.ckpt``"""
+    parser = argparse.ArgumentParser(prog="python -m bilevel.serving")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="shrink a bilevel fit checkpoint for serving")
+    export.add_argument("source")
+    export.add_argument("target")
+    export.add_argument("--full-precision", action="store_true", help="keep float32 weights")
+    options = parser.parse_args(args)
+    path = export_checkpoint(options.source, options.target, half=not options.full_precision)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
