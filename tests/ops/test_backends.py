@@ -123,10 +123,13 @@ def test_flex_forward_on_cpu(shape):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_elements", [1, recompute.CHUNK_ELEMENTS], ids=["one_region_per_chunk", "default"])
+@pytest.mark.parametrize("kernel", sorted(recompute.KERNELS))
 @pytest.mark.parametrize("weighted", [False, True])
-def test_recompute_in_chunks_of_one_region(monkeypatch, weighted):
-    monkeypatch.setattr(recompute, "CHUNK_ELEMENTS", 1)
-    _compare_with_reference("recompute", ODD_CASES["non_square_grid"], weighted)
+def test_recompute_kernels_and_chunks(monkeypatch, kernel, chunk_elements, weighted):
+    monkeypatch.setattr(recompute, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(recompute, "_kernel_name", lambda query, value: kernel)
+    _compare_with_reference("recompute", ODD_CASES["non_square_grid"], weighted)   # equal q/k and v head sizes
 
 
 def _saved_bytes(function, *args, **kwargs) -> int:
