@@ -74,26 +74,35 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"reference": reference_routed
 DENSE_MAX_KEY_TOKENS = 256
 #: ... and the routed regions cover at least this fraction of it (the masked-out work is then small)
 DENSE_MIN_ROUTED_FRACTION = 0.25
+#: when training, recompute is chosen once sdpa's saved routed copy of k and v would exceed this
+ROUTED_COPY_LIMIT_BYTES = 256 * 2 ** 20
 
 
-def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: Optional[Tensor] = None) -> str:
-    """The backend ``backend="auto"`` uses (rule measured with ``benchmarks/bench_bra.py``).
+def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: Optional[Tensor] = None,
+                   value_channels: Optional[int] = None) -> str:
+    """The backend ``backend="auto"`` uses; the rule follows ``benchmarks/results/bra_cpu.md``.
 
     - CUDA without region_weights: ``flex`` (block-sparse fused kernel);
     - small key maps routed densely (at most ``DENSE_MAX_KEY_TOKENS`` key tokens, topk covering at least
-      ``DENSE_MIN_ROUTED_FRACTION`` of the regions), no region_weights: ``dense_mask``;
-    - otherwise, when a gradient will be taken: ``recompute`` (no routed copy kept for backward);
-    - otherwise (inference): ``sdpa``.
+      ``DENSE_MIN_ROUTED_FRACTION`` of the regions), no region_weights: ``dense_mask`` (one large
+      SDPA beats many small ones there: BiFormer-T stage 3);
+    - training where the routed copy sdpa keeps for backward (topk x the size of k and v) would exceed
+      ``ROUTED_COPY_LIMIT_BYTES``: ``recompute``;
+    - otherwise ``sdpa``, the fastest backend at every other measured setting, training and inference.
+    value_channels: channels of the values (default: those of the keys).
     """
     if region_weights is None and query.device.type == "cuda":
         return "flex"
-    num_key_regions, key_tokens = key.shape[1], key.shape[2]
+    n, num_key_regions, key_tokens, key_channels = key.shape
     topk = indices.shape[-1]
     if (region_weights is None and num_key_regions * key_tokens <= DENSE_MAX_KEY_TOKENS
             and topk >= DENSE_MIN_ROUTED_FRACTION * num_key_regions):
         return "dense_mask"
     tensors = (query, key) if region_weights is None else (query, key, region_weights)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    routed_copy = (indices.numel() * key_tokens * (key_channels + (value_channels or key_channels))
+                   * key.element_size())
+    if training and routed_copy > ROUTED_COPY_LIMIT_BYTES:
         return "recompute"
     return "sdpa"
 
@@ -105,7 +114,7 @@ def routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
     backend: "auto" (see :func:`select_backend`) or one of :data:`ATTENTION_BACKENDS`.
     """
     if backend == "auto":
-        backend = select_backend(query, key, indices, region_weights)
+        backend = select_backend(query, key, indices, region_weights, value.shape[-1])
     try:
         function = ATTENTION_BACKENDS[backend]
     except KeyError:

@@ -15,6 +15,7 @@ import torch
 
 import bilevel
 from bilevel.ops import backends
+from bilevel.ops import attention
 from bilevel.ops.attention import ATTENTION_BACKENDS, reference_routed_attention, routed_attention, select_backend
 from bilevel.ops.backends import recompute
 from tests.conftest import golden_cases, load_case
@@ -186,11 +187,16 @@ def test_shape_errors_name_the_argument():
         routed_attention(query, key, value, indices, 0.5, 2, backend="fused")
 
 
-def test_auto_rule():
+def test_auto_rule(monkeypatch):
     small = _random_inputs(1, 4, 4, 16, 16, 2, 8, 8, 2)          # 64 key tokens, half the regions routed
     large = _random_inputs(1, 49, 49, 64, 64, 2, 8, 8, 4)        # 3136 key tokens
-    query, key, _, indices, weights = _random_inputs(1, 4, 4, 16, 16, 2, 8, 8, 2, weighted=True)
+    query, key, _, indices, weights = _random_inputs(1, 49, 49, 64, 64, 2, 8, 8, 4, weighted=True)
     assert select_backend(small[0], small[1], small[3]) == "dense_mask"
+    assert select_backend(small[0], small[1], small[3], region_weights=weights[:, :4, :2]) == "sdpa"
+    assert select_backend(large[0], large[1], large[3]) == "sdpa"
+    assert select_backend(query, key, indices, weights) == "sdpa"
+    routed_copy = 49 * 4 * 64 * 32 * 4                             # indices x key tokens x (k + v channels) x fp32
+    monkeypatch.setattr(attention, "ROUTED_COPY_LIMIT_BYTES", routed_copy - 1)
     assert select_backend(large[0], large[1], large[3]) == "recompute"
     assert select_backend(query, key, indices, weights) == "recompute"
     with torch.no_grad():

@@ -101,8 +101,8 @@ class _RoutedAttentionFunction(torch.autograd.Function):
                 out, log_sum_exp = chunk_out, chunk_lse
                 continue
             merged_lse = torch.logaddexp(log_sum_exp, chunk_lse)
-            out = (out * (log_sum_exp - merged_lse).exp_().unsqueeze(-1)
-                   + chunk_out * (chunk_lse - merged_lse).exp_().unsqueeze(-1))
+            out = out.mul_(log_sum_exp.sub_(merged_lse).exp_().unsqueeze(-1))
+            out.add_(chunk_out.mul_(chunk_lse.sub_(merged_lse).exp_().unsqueeze(-1)))
             log_sum_exp = merged_lse
         ctx.save_for_backward(query, key, value, flat, weights, out, log_sum_exp)
         ctx.scale, ctx.num_heads, ctx.chunk, ctx.kernel = scale, num_heads, chunk, kernel
