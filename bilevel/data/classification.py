@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 from lightning import LightningDataModule
@@ -160,9 +160,9 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
     """
 
     def __init__(self, root: Optional[str] = None, model_name: Optional[str] = None,
-                 image_size: Optional[int] = 64, val_fraction: float = 0.2, split_seed: int = 0,
-                 batch_size: int = 32, num_workers: int = 0, scale: tuple[float, float] = (0.6, 1.0),
-                 hflip: float = 0.5, auto_augment: Optional[str] = None, predict_root: Optional[str] = None,
-                 scan: bool = True):
-        super().__init__(str(builtin_shapes(root) / "classification"), model_name, image_size, val_fraction,
-                         split_seed, batch_size, num_workers, scale, hflip, auto_augment, predict_root, scan)
+                 image_size: Optional[int] = 64, batch_size: int = 32, num_workers: int = 0,
+                 scale: tuple[float, float] = (0.6, 1.0), hflip: float = 0.5, auto_augment: Optional[str] = None,
+                 predict_root: Optional[str] = None, scan: bool = True):
+        super().__init__(str(builtin_shapes(root) / "classification"), model_name, image_size,
+                         batch_size=batch_size, num_workers=num_workers, scale=scale, hflip=hflip,
+                         auto_augment=auto_augment, predict_root=predict_root, scan=scan)

@@ -97,7 +97,7 @@ class SegmentationFolderDataModule(LightningDataModule):
             if self.hparams.reduce_zero_label and names:
                 names = names[1:]
         else:
-            # the largest label sets the class count; the scan below then has nothing more to check
+            # the largest training label sets the class count (every training mask is read once here)
             count = check_segmentation_pairs(self.train_pairs, None, self.hparams.ignore_index,
                                              self.hparams.reduce_zero_label)
             return [f"class_{index}" for index in range(count)]
@@ -144,12 +144,14 @@ class SegmentationFolderDataModule(LightningDataModule):
 
 
 class ShapesSegmentationDataModule(SegmentationFolderDataModule):
-    """The built-in shapes dataset (generated into the cache on first use): background + 4 shape classes."""
+    """The built-in shapes dataset (generated into the cache on first use): background + 4 shape classes.
+
+    root: where to keep the generated data (default ``$BILEVEL_CACHE`` or ``~/.cache/bilevel``).
+    """
 
     def __init__(self, root: Optional[str] = None, model_name: Optional[str] = None, image_size: Optional[int] = 64,
-                 layout: str = "folders", reduce_zero_label: bool = False, classes: Optional[list[str]] = None,
                  ignore_index: int = 255, scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5,
                  batch_size: int = 16, num_workers: int = 0, predict_root: Optional[str] = None, scan: bool = True):
-        super().__init__(str(builtin_shapes(root) / "segmentation"), model_name, image_size, layout,
-                         reduce_zero_label, classes, ignore_index, scale, hflip, batch_size, num_workers,
-                         predict_root, scan)
+        super().__init__(str(builtin_shapes(root) / "segmentation"), model_name, image_size, ignore_index=ignore_index,
+                         scale=scale, hflip=hflip, batch_size=batch_size, num_workers=num_workers,
+                         predict_root=predict_root, scan=scan)
