@@ -10,8 +10,8 @@ alternate from block to block:
 
 SDA is LDA with ``I = 1``, so one grouping function serves both. Groups are ordered
 ``(rh, rw, ih, iw)`` and the tokens inside a group row-major in ``(a, b)``, as in the official code.
-Maps whose shorter side is at most ``G`` are not partitioned: the block falls back to SDA with a
-single group covering the map (:func:`plan_groups`). Padding is zeros at the bottom/right; padded
+Maps whose shorter side is at most ``G`` fall back to SDA with G = that side (one group for a
+square map; :func:`plan_groups`). Padding is zeros at the bottom/right; padded
 keys get ``-1e6`` added to their logits (not ``-inf``: fully padded groups stay finite) and padded
 queries are computed and cropped.
 
@@ -90,14 +90,15 @@ def plan_groups(map_size: tuple[int, int], group_size: int, interval: int, long_
     """The grouping a block with group size G and interval I applies to an ``H x W`` map.
 
     long_distance: the block's kind (the official blocks alternate SDA, LDA, SDA, ... per stage).
-    If ``min(H, W) <= G`` the map is not partitioned: SDA with G = max(H, W) (one group, the
-    shorter side padded). For square maps this is the official rule G = H = W.
+    If ``min(H, W) <= G`` the block falls back to SDA with G = min(H, W), the official rule: a
+    square map becomes one group; a non-square one (which the official classifier cannot take) is
+    tiled along its longer side, so a group never holds more than the nominal G x G tokens.
     """
     height, width = (int(s) for s in map_size)
     if group_size < 1 or interval < 1:
         raise ValueError(f"group_size and interval must be positive, got {group_size} and {interval}")
     if min(height, width) <= group_size:
-        group_size, interval, long_distance = max(height, width), 1, False
+        group_size, interval, long_distance = min(height, width), 1, False
     if not long_distance:
         interval = 1
     unit = group_size * interval

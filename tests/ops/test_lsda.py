@@ -77,11 +77,11 @@ def test_token_groups_on_a_stage_map():
         token_groups((28, 28), 28, 0)
 
 
-def test_small_maps_fall_back_to_one_sda_group():
+def test_small_maps_fall_back_to_sda_with_the_short_side():
     square = plan_groups((7, 7), 7, 1, long_distance=True)
     assert (square.mode, square.group_size, square.num_groups, square.is_padded) == ("sda", 7, 1, False)
     wide = plan_groups((5, 9), 7, 2, long_distance=True)
-    assert (wide.mode, wide.group_size, wide.padded_size, wide.num_groups) == ("sda", 9, (9, 9), 1)
+    assert (wide.mode, wide.group_size, wide.padded_size, wide.num_groups) == ("sda", 5, (5, 10), 2)
     large = plan_groups((64, 64), 7, 8, long_distance=True)
     assert (large.mode, large.padded_size, large.num_groups) == ("lda", (112, 112), 256)
     assert plan_groups((64, 64), 7, 8, long_distance=False).padded_size == (70, 70)
