@@ -152,7 +152,7 @@ def test_missing_segmentation_split_is_named(tmp_path):
 def test_builtin_dataset_is_deterministic_and_lives_in_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
     root = builtin_shapes()
-    assert root == tmp_path / "cache" / "shapes-v1"
+    assert root == tmp_path / "cache" / "shapes-v2"
     assert builtin_shapes() == root
     image, mask, dominant = render_scene(123)
     again = render_scene(123)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bilevel.data import load_image_tensor
+from bilevel.data import builtin_shapes, load_image_tensor
 from bilevel.tasks import SemanticSegmenter
 
 from .conftest import CONFIGS, column, read_metrics, run_bilevel
@@ -31,7 +31,7 @@ def test_fit_learns_and_predicted_masks_match_the_checkpoint(tmp_path, bilevel_c
     assert len(written) == 48
     model = SemanticSegmenter.load_from_checkpoint(checkpoint).eval()
     assert model.hparams.class_names == ["background", "circle", "square", "triangle", "cross"]
-    images_dir = bilevel_cache / "shapes-v1" / "segmentation" / "val" / "images"
+    images_dir = builtin_shapes(bilevel_cache) / "segmentation" / "val" / "images"
     for mask_path in written[:6]:
         image = load_image_tensor(images_dir / mask_path.name)
         mask = np.asarray(Image.open(mask_path))
