@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 import bilevel
-from bilevel.data.shapes import SHAPE_CLASSES, render_scene
+from bilevel.data.images import list_images, read_image
+from bilevel.data.shapes import SHAPE_CLASSES, builtin_shapes
 from bilevel.serving import (EMBEDDED_MODEL, Analysis, Predictor, ServedModel, ServingError, fit_picture,
                              load_served_model, read_upload)
 from bilevel.viz.images import SAMPLE_IMAGES, load_sample_image
@@ -34,14 +35,9 @@ def builtin_examples() -> dict[str, Callable[[], Image.Image]]:
     """Example name -> picture: scikit-image's sample photos and one validation picture per built-in shape."""
     examples: dict[str, Callable[[], Image.Image]] = {
         f"photo: {name}": (lambda name=name: Image.fromarray(load_sample_image(name))) for name in SAMPLE_IMAGES}
-    found: dict[str, int] = {}
-    seed = 100_000  # the validation split of bilevel.data.shapes
-    while len(found) < len(SHAPE_CLASSES):
-        dominant = render_scene(seed)[2]
-        found.setdefault(SHAPE_CLASSES[dominant], seed)
-        seed += 1
+    validation = builtin_shapes() / "classification" / "val"
     for name in SHAPE_CLASSES:
-        examples[f"shapes: {name}"] = lambda seed=found[name]: render_scene(seed)[0]
+        examples[f"shapes: {name}"] = lambda path=list_images(validation / name)[0]: read_image(path)
     return examples
 
 

@@ -117,7 +117,7 @@ def read_upload(path: PathLike, label: str = "the uploaded file") -> Image.Image
     try:
         picture = read_image(path)
     except ImageReadError as error:
-        reason = str(error).split(": ", 1)[-1]
+        reason = str(error).split(": ", 1)[-1].replace(f" '{path}'", "").replace(str(path), label)
         raise ServingError(f"{label} is not a readable image: {reason}") from None
     except Image.DecompressionBombError:
         raise ServingError(f"{label} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS} "

@@ -70,12 +70,14 @@ def routed_regions(record: RoutingRecord, region: int) -> list[int]:
 
 
 def _region_points(record: RoutingRecord, region: int) -> np.ndarray:
-    """DBRA sampling points that belong to ``region``: (P, 2) normalised (y, x), all groups."""
+    """DBRA sampling points of the deformed tokens in ``region``: (P, 2) normalised (y, x), all groups.
+
+    The deformed tokens are cut into the same region grid as the map (``deformed_region_size`` tokens
+    each, on the deformed grid padded to a multiple of the grid); regions lying in that padding have none.
+    """
     points = record.extras["sampling_points"][0]                            # (groups, Hs, Ws, 2) (y, x)
-    rows, cols = record.region_grid
-    sampled_h, sampled_w = points.shape[1:3]
-    per_h, per_w = sampled_h // rows, sampled_w // cols
-    row, col = divmod(region, cols)
+    per_h, per_w = record.extras["deformed_region_size"]
+    row, col = divmod(region, record.region_grid[1])
     return np.asarray(points[:, row * per_h:(row + 1) * per_h, col * per_w:(col + 1) * per_w].reshape(-1, 2))
 
 

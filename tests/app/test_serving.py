@@ -1,0 +1,142 @@
+"""Serving as units: reading uploads, loading checkpoints, the cached forward pass, the embedded model."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bilevel
+from bilevel.data.images import list_images, read_image
+from bilevel.serving import (EMBEDDED_CHECKPOINT, MIN_IMAGE_SIDE, WORKING_IMAGE_SIDE, Predictor, ServingError,
+                             fit_picture, load_served_model, read_upload)
+from bilevel.viz.routing_view import routing_layers
+
+from .conftest import encoded, write_bytes
+
+BAD_UPLOAD_MESSAGES = {
+    "not an image": "is not a readable image",
+    "empty": "is empty",
+    "1x1": f"1x1 pixels: it needs at least {MIN_IMAGE_SIDE}",
+    "truncated jpeg": "is not a readable image",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_UPLOAD_MESSAGES))
+def test_bad_uploads_get_a_message_without_the_server_path(kind, bad_uploads):
+    with pytest.raises(ServingError, match=BAD_UPLOAD_MESSAGES[kind]) as caught:
+        read_upload(bad_uploads[kind])
+    assert str(bad_uploads[kind].parent) not in str(caught.value)
+    assert str(caught.value).startswith("the uploaded file" if kind != "1x1" else "the image is")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16"])
+def test_any_colour_mode_arrives_as_rgb(mode, tmp_path):
+    pixels = np.random.RandomState(1).randint(0, 255, (40, 50, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image).astype(np.uint16) * 200)
+    fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
+    path = write_bytes(tmp_path, f"picture.{fmt.lower()}", encoded(image, fmt))
+    picture = read_upload(path)
+    assert picture.mode == "RGB" and picture.size == (50, 40)
+
+
+def test_a_huge_image_is_shrunk_to_the_working_size(tmp_path):
+    huge = Image.new("L", (10000, 10000), 90)
+    path = write_bytes(tmp_path, "huge.png", encoded(huge, "PNG", compress_level=1))
+    del huge
+    with pytest.warns(Image.DecompressionBombWarning):
+        picture = read_upload(path)
+    assert picture.size == (WORKING_IMAGE_SIDE, WORKING_IMAGE_SIDE)
+    wide = fit_picture(Image.new("RGB", (3000, 600)))
+    assert wide.size == (WORKING_IMAGE_SIDE, round(600 * WORKING_IMAGE_SIDE / 3000))
+
+
+def test_embedded_model_is_small_and_names_its_classes(embedded):
+    assert EMBEDDED_CHECKPOINT.stat().st_size < 4e6
+    assert embedded.class_names == tuple(sorted(bilevel.data.shapes.SHAPE_CLASSES))
+    assert embedded.input_size == 64 and not embedded.model.training
+
+
+def test_embedded_model_classifies_the_builtin_validation_pictures(embedded, shapes_root):
+    predictor = Predictor(capacity=1)
+    val = shapes_root / "classification" / "val"
+    correct = total = 0
+    for label in embedded.class_names:
+        for path in list_images(val / label):
+            top = predictor.analyse(embedded, fit_picture(read_image(path))).top(1)
+            correct += next(iter(top)) == label
+            total += 1
+    assert total == 48 and correct / total >= 0.95
+
+
+def test_one_forward_pass_per_picture_and_model(embedded, shape_pictures):
+    predictor = Predictor(capacity=2)
+    circle, square = (fit_picture(read_image(shape_pictures[name])) for name in ("circle", "square"))
+    first = predictor.analyse(embedded, circle)
+    assert predictor.analyse(embedded, circle.copy()) is first and predictor.forward_passes == 1
+    predictor.analyse(embedded, square)
+    assert predictor.forward_passes == 2
+    top = first.top(5)
+    assert list(top) == sorted(top, key=top.get, reverse=True) and abs(sum(top.values()) - 1) < 1e-5
+    layers = routing_layers(first.records)
+    assert layers and all(record.indices.shape[0] == 1 for record in layers.values())
+
+
+def test_concurrent_requests_for_one_picture_share_one_forward_pass(embedded, shape_pictures):
+    predictor = Predictor()
+    picture = fit_picture(read_image(shape_pictures["cross"]))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(predictor.analyse(embedded, picture)))
+               for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert predictor.forward_passes == 1 and all(result is results[0] for result in results)
+
+
+def test_official_layout_checkpoint_with_imagenet_names(tmp_path):
+    from timm.data import ImageNetInfo
+
+    model = bilevel.create_model("biformer_tiny", num_classes=1000, depth=(1, 1, 1, 1))
+    path = tmp_path / "official.pth"
+    torch.save({"model": model.state_dict(), "args": None}, path)
+    with pytest.raises(ServingError, match="does not fit biformer_tiny"):
+        load_served_model("biformer_tiny", path, label="the uploaded checkpoint")     # default depth: 2, 2, 8, 2
+    torch.save({"model": bilevel.create_model("biformer_tiny").state_dict()}, path)
+    served = load_served_model("biformer_tiny", path)
+    assert served.class_names[0] == ImageNetInfo().label_descriptions()[0] and served.input_size == 224
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"", "is empty"),
+    (b"PK\x03\x04 not really a zip", "is not a PyTorch checkpoint"),
+    ("tensor-free", "holds no model weights"),
+])
+def test_non_checkpoints_get_a_message(payload, message, tmp_path):
+    path = tmp_path / "weights.pth"
+    if payload == "tensor-free":
+        torch.save({"epoch": 3}, path)
+    else:
+        path.write_bytes(payload)
+    with pytest.raises(ServingError, match=message) as caught:
+        load_served_model("biformer_tiny", path, label="the uploaded checkpoint")
+    assert str(tmp_path) not in str(caught.value)
+
+
+def test_checkpoint_trained_as_another_variant_is_refused():
+    with pytest.raises(ServingError, match="trained as biformer_tiny, not biformer_small"):
+        load_served_model("biformer_small", EMBEDDED_CHECKPOINT)
+    with pytest.raises(ServingError, match="unknown model 'resnet50'"):
+        load_served_model("resnet50")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "hook": threading.Thread}, path)
+    with pytest.raises(ServingError, match="weights-only"):
+        load_served_model("biformer_tiny", path)
