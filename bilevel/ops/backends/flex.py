@@ -45,8 +45,9 @@ def flex_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
     def routed(batch: Tensor, head: Tensor, query_index: Tensor, key_index: Tensor) -> Tensor:
         return allowed[batch, query_index // query_tokens, key_index // key_tokens]
 
+    # compiled mask construction on GPU never materialises the (L, S) token mask
     block_mask = create_block_mask(routed, n, None, num_queries * query_tokens, num_key_regions * key_tokens,
-                                   device=query.device)
+                                   device=query.device, _compile=not on_cpu)
     q = split_heads(query.reshape(n, num_queries * query_tokens, -1), num_heads).contiguous()
     k = split_heads(key.reshape(n, num_key_regions * key_tokens, -1), num_heads).contiguous()
     v = split_heads(value.reshape(n, num_key_regions * key_tokens, -1), num_heads).contiguous()

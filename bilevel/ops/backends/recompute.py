@@ -117,7 +117,7 @@ class _RoutedAttentionFunction(torch.autograd.Function):
         batch, topk = flat.shape
         query_tokens = query.shape[2]
         q = split_heads(query.reshape(batch, query_tokens, -1), num_heads)                  # (B, H, Tq, D)
-        grad_out = split_heads(grad_output.reshape(batch, query_tokens, -1), num_heads)     # (B, H, Tq, Dv)
+        grad_out = split_heads(grad_output.contiguous().view(batch, query_tokens, -1), num_heads)  # (B, H, Tq, Dv)
         grad_q = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
@@ -150,5 +150,6 @@ def recompute_routed_attention(query: Tensor, key: Tensor, value: Tensor, indice
     n, num_queries, topk = indices.shape
     flat = flat_region_indices(indices, key.shape[1]).view(n * num_queries, topk)
     weights = None if region_weights is None else region_weights.reshape(n * num_queries, topk)
-    return _RoutedAttentionFunction.apply(query, key, value, flat, weights, scale, num_heads,
-                                          _kernel_name(query, value))
+    # the fused CPU kernel needs unit stride along channels (DBRA hands over transposed queries)
+    return _RoutedAttentionFunction.apply(query.contiguous(), key.contiguous(), value.contiguous(), flat, weights,
+                                          scale, num_heads, _kernel_name(query, value))
