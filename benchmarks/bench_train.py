@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import shlex
 import statistics
@@ -101,16 +102,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         rows = [measure(task, name, args, Path(cache)) for task in args.tasks for name in models]
     tag = "quick" if args.quick else ("gpu" if torch.cuda.is_available() else "cpu")
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
     meta = {"command": "python " + shlex.join(["benchmarks/bench_train.py", *sys.argv[1:]]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "lightning": lightning.__version__, "threads": torch.get_num_threads(),
-            "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-            or platform.machine(), "not_measured": [f"{f}_tiny" for f in FAMILIES if f"{f}_tiny" not in MODEL_NAMES]}
+            "machine": machine, "load_average_1min": round(os.getloadavg()[0], 2),
+            "not_measured": [f"{f}_tiny" for f in FAMILIES if f"{f}_tiny" not in MODEL_NAMES]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"train_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# Training throughput ({tag})", "", f"Command: `{meta['command']}`  ",
              f"Date: {meta['date']}; torch {meta['torch']}, Lightning {meta['lightning']}; "
-             f"{meta['threads']} threads on {meta['machine']}", "",
+             f"{meta['threads']} threads on {meta['machine']}; load average {meta['load_average_1min']} at the end "
+             "(other work on the machine slows these figures)", "",
              "A fit step = forward, loss, backward and AdamW step (data loading excluded); median over timed steps.",
              "", "| task | model | image | batch | precision | step (s) | images/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['model']} | {r['image_size']} | {r['batch']} | {r['precision']} | "

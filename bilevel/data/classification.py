@@ -74,6 +74,11 @@ class ImageFolderDataModule(LightningDataModule):
                  predict_root: Optional[str] = None, scan: bool = True):
         super().__init__()
         self.save_hyperparameters()
+        # settings are read from attributes: under the CLI, hparams hold only what a subclass was given
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.scale, self.hflip, self.auto_augment = tuple(scale), hflip, auto_augment
+        self.predict_root, self.scan = predict_root, scan
         self.root = Path(root).expanduser()
         require_folder(self.root, "dataset root")
         self.data_config = model_data_config(model_name, image_size)
@@ -99,11 +104,11 @@ class ImageFolderDataModule(LightningDataModule):
             return self._samples(train_dir, names), self._samples(val_dir, names), names
         names = class_folders(self.root)
         samples = self._samples(self.root, names)
-        if not 0 < self.hparams.val_fraction < 1:
+        if not 0 < self.val_fraction < 1:
             raise DatasetError(f"{self.root} has no train/ and val/ folders: set val_fraction in (0, 1) to split it "
-                               f"(got {self.hparams.val_fraction})")
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        n_val = max(1, round(len(samples) * self.hparams.val_fraction))
+                               f"(got {self.val_fraction})")
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = max(1, round(len(samples) * self.val_fraction))
         val = [samples[i] for i in sorted(order[:n_val].tolist())]
         train = [samples[i] for i in sorted(order[n_val:].tolist())]
         return train, val, names
@@ -118,29 +123,29 @@ class ImageFolderDataModule(LightningDataModule):
         cfg = self.data_config
         if training:
             return create_transform(cfg.image_size, is_training=True, mean=cfg.mean, std=cfg.std,
-                                    scale=tuple(self.hparams.scale), hflip=self.hparams.hflip,
-                                    auto_augment=self.hparams.auto_augment)
+                                    scale=tuple(self.scale), hflip=self.hflip,
+                                    auto_augment=self.auto_augment)
         return create_transform(cfg.image_size, is_training=False, mean=cfg.mean, std=cfg.std,
                                 crop_pct=cfg.crop_pct)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.scan:
+        if stage == "fit" and self.scan:
             check_images(path for path, _ in self.train_samples + self.val_samples)
         if stage in ("fit", "validate", "test"):
             self.train_dataset = LabelledImages(self.train_samples, self.transform(training=True))
             self.val_dataset = LabelledImages(self.val_samples, self.transform(training=False))
         if stage == "predict":
-            paths = (prediction_paths(Path(self.hparams.predict_root).expanduser()) if self.hparams.predict_root
+            paths = (prediction_paths(Path(self.predict_root).expanduser()) if self.predict_root
                      else [path for path, _ in self.val_samples])
             self.predict_dataset = UnlabelledImages(paths, self.transform(training=False))
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=drop_last,
+        workers = self.num_workers
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.train_dataset) > self.hparams.batch_size
+        drop_last = len(self.train_dataset) > self.batch_size
         return self._loader(self.train_dataset, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:

@@ -74,6 +74,11 @@ class SegmentationFolderDataModule(LightningDataModule):
                  batch_size: int = 8, num_workers: int = 4, predict_root: Optional[str] = None, scan: bool = True):
         super().__init__()
         self.save_hyperparameters()
+        # settings are read from attributes: under the CLI, hparams hold only what a subclass was given
+        self.reduce_zero_label, self.ignore_index = reduce_zero_label, ignore_index
+        self.scale, self.hflip = tuple(scale), hflip
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.predict_root, self.scan = predict_root, scan
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is not one of {sorted(LAYOUTS)}")
         self.root = Path(root).expanduser()
@@ -94,12 +99,12 @@ class SegmentationFolderDataModule(LightningDataModule):
             names = list(given)
         elif names_file.is_file():
             names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-            if self.hparams.reduce_zero_label and names:
+            if self.reduce_zero_label and names:
                 names = names[1:]
         else:
             # the largest training label sets the class count (every training mask is read once here)
-            count = check_segmentation_pairs(self.train_pairs, None, self.hparams.ignore_index,
-                                             self.hparams.reduce_zero_label)
+            count = check_segmentation_pairs(self.train_pairs, None, self.ignore_index,
+                                             self.reduce_zero_label)
             return [f"class_{index}" for index in range(count)]
         if not names:
             raise DatasetError(f"{names_file}: no class names in it")
@@ -107,37 +112,37 @@ class SegmentationFolderDataModule(LightningDataModule):
 
     def _transform(self, training: bool) -> SegmentationTransform:
         cfg = self.data_config
-        return SegmentationTransform(cfg.image_size, cfg.mean, cfg.std, training=training, scale=self.hparams.scale,
-                                     hflip=self.hparams.hflip, ignore_index=self.hparams.ignore_index,
-                                     reduce_zero_label=self.hparams.reduce_zero_label)
+        return SegmentationTransform(cfg.image_size, cfg.mean, cfg.std, training=training, scale=self.scale,
+                                     hflip=self.hflip, ignore_index=self.ignore_index,
+                                     reduce_zero_label=self.reduce_zero_label)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.scan:
+        if stage == "fit" and self.scan:
             check_segmentation_pairs(self.train_pairs + self.val_pairs, self.num_classes,
-                                     self.hparams.ignore_index, self.hparams.reduce_zero_label)
+                                     self.ignore_index, self.reduce_zero_label)
         if stage in ("fit", "validate", "test"):
             self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True))
             self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False))
         if stage == "predict":
-            paths = (prediction_paths(Path(self.hparams.predict_root).expanduser()) if self.hparams.predict_root
+            paths = (prediction_paths(Path(self.predict_root).expanduser()) if self.predict_root
                      else [image for image, _ in self.val_pairs])
             cfg = self.data_config
             self.predict_dataset = UnlabelledImages(paths, partial(image_to_tensor, mean=cfg.mean, std=cfg.std))
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
-        workers = self.hparams.num_workers
+        workers = self.num_workers
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.train_dataset) > self.hparams.batch_size
-        return self._loader(self.train_dataset, True, self.hparams.batch_size, drop_last)
+        drop_last = len(self.train_dataset) > self.batch_size
+        return self._loader(self.train_dataset, True, self.batch_size, drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, False, self.hparams.batch_size)
+        return self._loader(self.val_dataset, False, self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, False, self.hparams.batch_size)
+        return self._loader(self.val_dataset, False, self.batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_dataset, False, 1)

@@ -48,7 +48,8 @@ def _segmentation_tree(root: Path, layout="folders", count=2, size=(40, 40), lab
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in root.rglob("*") if path.is_file()}
 
 
 def test_class_folders_give_classes_batches_and_leave_files_untouched(tmp_path):
