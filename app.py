@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 import bilevel
-from bilevel.data.images import list_images, read_image
+from bilevel.data.images import list_images, read_image, read_mask
 from bilevel.data.shapes import SHAPE_CLASSES, builtin_shapes
 from bilevel.serving import (EMBEDDED_MODEL, Analysis, Predictor, ServedModel, ServingError, fit_picture,
                              load_served_model, read_upload)
@@ -32,12 +32,16 @@ MAX_FILE_SIZE = "400mb"
 
 
 def builtin_examples() -> dict[str, Callable[[], Image.Image]]:
-    """Example name -> picture: scikit-image's sample photos and one validation picture per built-in shape."""
+    """Example name -> picture: scikit-image's sample photos, and per built-in shape class the first
+    validation picture that shows that shape alone (its mask holds a single object)."""
     examples: dict[str, Callable[[], Image.Image]] = {
         f"photo: {name}": (lambda name=name: Image.fromarray(load_sample_image(name))) for name in SAMPLE_IMAGES}
-    validation = builtin_shapes() / "classification" / "val"
+    root = builtin_shapes()
+    masks = root / "segmentation" / "val" / "masks"
     for name in SHAPE_CLASSES:
-        examples[f"shapes: {name}"] = lambda path=list_images(validation / name)[0]: read_image(path)
+        alone = [path for path in list_images(root / "classification" / "val" / name)
+                 if len(np.unique(read_mask(masks / path.name))) == 2]
+        examples[f"shapes: {name}"] = lambda path=alone[0]: read_image(path)
     return examples
 
 
@@ -96,7 +100,8 @@ def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_
     record = layers[stage, block]
     picture = display_picture(analysis.picture)
     point = (float(point_x), float(point_y))
-    block_slider = gr.Slider(minimum=blocks[0], maximum=max(blocks[-1], blocks[0] + 1), value=block)
+    block_slider = gr.Slider(minimum=blocks[0], maximum=max(blocks[-1], blocks[0] + 1), value=block,
+                             interactive=len(blocks) > 1)
     if record.kind == "lsda":
         grouped = draw_lsda_group(picture, record, point)
         return grouped, None, (f"Stage {stage}, block {block}: {record.extras['mode'].upper()} group of the clicked "
@@ -130,7 +135,8 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> g
         layers = routing_layers(analysis.records)
         stages = sorted({s for s, _ in layers}) or [0]
         stage = int(stage) if int(stage) in stages else stages[0]
-        stage_slider = gr.Slider(minimum=stages[0], maximum=max(stages[-1], stages[0] + 1), value=stage)
+        stage_slider = gr.Slider(minimum=stages[0], maximum=max(stages[-1], stages[0] + 1), value=stage,
+                                 interactive=len(stages) > 1)
         routes, heat, message, block_slider = routing_outputs(analysis, stage, block, x, y)
         return analysis, analysis.top(5), routes, heat, message, stage_slider, block_slider
 

@@ -65,16 +65,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def launched_app(embedded, shapes_root, monkeypatch_module):
-    """The app on a free localhost port (queue with concurrency 2, as ``python app.py`` runs it): its URL."""
+    """The app on a free localhost port (queue with concurrency 2, as ``python app.py`` runs it): (URL, predictor)."""
     import app
+    from bilevel.serving import Predictor
 
     monkeypatch_module.setenv("BILEVEL_CACHE", str(shapes_root.parent))
-    demo = app.build_demo(embedded)
+    predictor = Predictor()
+    demo = app.build_demo(embedded, predictor)
     demo.queue(default_concurrency_limit=2, max_size=64)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 max_file_size=app.MAX_FILE_SIZE)
-    yield f"http://127.0.0.1:{port}/"
+    yield f"http://127.0.0.1:{port}/", predictor
     demo.close()
 
 

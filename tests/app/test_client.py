@@ -1,0 +1,81 @@
+"""The launched app driven over HTTP with gradio_client: uploads, redraws, bad files, eight users at once."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client(launched_app):
+    return Client(launched_app[0], verbose=False)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_upload_returns_predictions_and_overlays_and_a_redraw_reuses_the_pass(client, launched_app, shape_pictures):
+    predictor = launched_app[1]
+    labels, routes, heat, message, _, _ = client.predict(handle_file(str(shape_pictures["square"])), 0, 0, 0.5, 0.5,
+                                                         api_name="/analyse_upload")
+    assert labels["label"] == "square" and len(labels["confidences"]) == 4
+    assert pixels(routes).shape == pixels(heat).shape and pixels(routes).shape[1] == 448
+    assert "query region 36 of the 8x8 grid" in message
+    passes = predictor.forward_passes
+    other_routes, other_heat, other_message, _ = client.predict(1, 0, 0.05, 0.05, api_name="/route")
+    assert "Stage 1, block 0" in other_message and "query region 0 " in other_message
+    assert not np.array_equal(pixels(other_routes), pixels(routes))
+    assert not np.array_equal(pixels(other_heat), pixels(heat))
+    assert predictor.forward_passes == passes
+
+
+def test_examples_are_served_by_name(client):
+    for shape in ("circle", "square", "triangle", "cross"):
+        labels, routes, _, _, _, _ = client.predict(f"shapes: {shape}", 0, 0, 0.5, 0.5, api_name="/analyse_example")
+        assert labels["label"] == shape and pixels(routes).size
+    labels, *_ = client.predict("photo: astronaut", 0, 0, 0.5, 0.5, api_name="/analyse_example")
+    assert len(labels["confidences"]) == 4
+
+
+def test_bad_uploads_leave_a_message_and_the_app_serving(client, bad_uploads, shape_pictures):
+    for kind, path in bad_uploads.items():
+        labels, routes, heat, message, _, _ = client.predict(handle_file(str(path)), 0, 0, 0.5, 0.5,
+                                                             api_name="/analyse_upload")
+        assert message.startswith("**Could not read the upload:**"), kind
+        assert routes is None and heat is None
+    labels, *_ = client.predict(handle_file(str(shape_pictures["circle"])), 0, 0, 0.5, 0.5,
+                                api_name="/analyse_upload")
+    assert labels["label"] == "circle"
+
+
+def test_unsuitable_checkpoint_gets_a_message(client, tmp_path):
+    path = tmp_path / "not_weights.pth"
+    path.write_bytes(b"definitely not a checkpoint")
+    model_info, *rest = client.predict("biformer_tiny", handle_file(str(path)), 0, 0, 0.5, 0.5,
+                                       api_name="/load_model")
+    assert model_info.startswith("**Could not load the model:** the uploaded checkpoint")
+    assert str(tmp_path) not in model_info
+
+
+def test_eight_simultaneous_requests_all_succeed(launched_app, tmp_path):
+    url, predictor = launched_app
+    uploads = []
+    for index in range(8):
+        path = tmp_path / f"user{index}.png"
+        Image.fromarray(np.random.RandomState(index).randint(0, 255, (70 + index, 90, 3), dtype=np.uint8)).save(path)
+        uploads.append(path)
+    before = predictor.forward_passes
+
+    def one_user(path):
+        return Client(url, verbose=False).predict(handle_file(str(path)), 0, 0, 0.5, 0.5, api_name="/analyse_upload")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one_user, uploads))
+    assert all(len(labels["confidences"]) == 4 and routes for labels, routes, *_ in results)
+    assert predictor.forward_passes - before == 8
