@@ -6,7 +6,8 @@ the stage's width and indices from real top-k routing of the region means, next 
 of the same width: dense SDPA over all tokens and window attention (SDPA inside windows of
 ``topk * tokens per region`` tokens, the same keys per query as routing). Measured side by side:
 
-- forward and forward+backward time (median of repeats after a warm-up);
+- forward and forward+backward time: the fastest of the repeats after a warm-up (the machine is
+  shared; the fastest run is the least disturbed one);
 - peak memory of forward+backward: growth of the process's resident-set high-water mark
   (``VmHWM`` in /proc/self/status), reset through /proc/self/clear_refs after ``malloc_trim`` has
   returned freed heap to the system, so the figure is what the step itself needed (inputs excluded);
@@ -28,7 +29,6 @@ import datetime
 import json
 import platform
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -106,8 +106,8 @@ def peak_memory_mib(step: Callable[[], None]) -> Optional[float]:
     return max(0, _status_kib("VmHWM") - baseline) / 1024
 
 
-def median_seconds(step: Callable[[], None], repeats: int, budget_s: float) -> float:
-    """Median time of ``step`` after one warm-up run, at most ``repeats`` runs or ``budget_s`` seconds."""
+def best_seconds(step: Callable[[], None], repeats: int, budget_s: float) -> float:
+    """Fastest time of ``step`` after one warm-up run, over at most ``repeats`` runs or ``budget_s`` seconds."""
     step()
     times = []
     start = time.perf_counter()
@@ -115,12 +115,12 @@ def median_seconds(step: Callable[[], None], repeats: int, budget_s: float) -> f
         tick = time.perf_counter()
         step()
         times.append(time.perf_counter() - tick)
-    return statistics.median(times)
+    return min(times)
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size ** 3 / median_seconds(lambda: a @ b, repeats, 5.0) / 1e9
+    return 2 * size ** 3 / best_seconds(lambda: a @ b, repeats, 5.0) / 1e9
 
 
 def make_inputs(setting: Setting, generator: torch.Generator):
@@ -165,7 +165,7 @@ def measure(setting: Setting, method: str, make_step, q, k, v, flops: int, repea
     """Time forward, forward+backward and peak memory of one method."""
     inputs = (q, k, v)
     with torch.no_grad():
-        forward_s = median_seconds(make_step(*inputs), repeats, budget_s)
+        forward_s = best_seconds(make_step(*inputs), repeats, budget_s)
     train_s = peak = None
     if trainable:
         leaves = [t.detach().requires_grad_() for t in inputs]
@@ -176,7 +176,7 @@ def measure(setting: Setting, method: str, make_step, q, k, v, flops: int, repea
             for leaf in leaves:
                 leaf.grad = None
 
-        train_s = median_seconds(train, repeats, budget_s)
+        train_s = best_seconds(train, repeats, budget_s)
         peak = peak_memory_mib(train)
     return Row(setting.name, setting.batch, method, 1e3 * forward_s, None if train_s is None else 1e3 * train_s,
                peak, 2 * flops / forward_s / 1e9, None if train_s is None else 6 * flops / train_s / 1e9, note)
