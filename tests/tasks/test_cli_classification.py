@@ -76,5 +76,8 @@ def test_ddp_two_processes_on_a_user_folder_agrees_with_one_process(tmp_path, bi
 
     run_bilevel(["validate", "--config", CONFIG, *data, "--ckpt_path", str(checkpoint)], tmp_path, bilevel_cache)
     single = read_metrics(tmp_path / RUN_DIR / "version_1")
-    assert abs(column(ddp, "val/acc1")[-1] - column(single, "val/acc1")[-1]) <= 0.05
-    np.testing.assert_allclose(column(ddp, "val/loss")[-1], column(single, "val/loss")[-1], rtol=0.05)
+    # the two ranks' halves of the 48 validation images, synced, give the one-process figures
+    # (one image may flip on rounding between thread layouts)
+    ddp_acc, single_acc = column(ddp, "val/acc1")[-1], column(single, "val/acc1")[-1]
+    assert abs(ddp_acc - single_acc) <= 1 / 48 + 1e-6, (ddp_acc, single_acc)
+    np.testing.assert_allclose(column(ddp, "val/loss")[-1], column(single, "val/loss")[-1], rtol=1e-3)
