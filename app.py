@@ -104,14 +104,15 @@ def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_
                              interactive=len(blocks) > 1)
     if record.kind == "lsda":
         grouped = draw_lsda_group(picture, record, point)
-        return grouped, None, (f"Stage {stage}, block {block}: {record.extras['mode'].upper()} group of the clicked "
-                               "token (CrossFormer routes nothing: it attends within groups)."), block_slider
+        message = (f"Stage {stage}, layer {block} ({record.module}): {record.extras['mode'].upper()} group of the "
+                   "clicked token (CrossFormer routes nothing: it attends within groups).")
+        return grouped, None, message, block_slider
     region = region_at(point, record)
     routes, heat = draw_routing(picture, record, region)
     routed = ", ".join(str(int(r)) for r in record.indices[0, region].tolist())
     rows, cols = record.region_grid
-    message = (f"Stage {stage}, block {block} ({record.kind}): query region {region} of the {rows}x{cols} grid "
-               f"routes to regions {routed} (numbered best first).")
+    message = (f"Stage {stage}, layer {block} ({record.module}, {record.kind}): query region {region} of the "
+               f"{rows}x{cols} grid routes to regions {routed} (numbered best first).")
     if record.kind == "dbra":
         message += " Dots: its deformed sampling points."
     return routes, heat, message, block_slider
@@ -197,7 +198,7 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> g
                 status = gr.Markdown("Upload an image or pick an example.")
                 with gr.Row():
                     stage = gr.Slider(0, 3, value=0, step=1, label="Stage")
-                    block = gr.Slider(0, 1, value=0, step=1, label="Block")
+                    block = gr.Slider(0, 1, value=0, step=1, label="Block (attention layer of the stage)")
                 with gr.Row():
                     routes = gr.Image(label="Routed regions (click a region)", type="numpy", interactive=False,
                                       format="png", elem_id="routes")

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import numpy as np
+import timm
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from .data.images import ImageReadError, image_to_tensor, read_image
@@ -29,7 +30,7 @@ from .models.loading import CheckpointError, extract_state_dict, load_weights, r
 from .ops.recording import RoutingRecord, record_routing
 
 __all__ = ["EMBEDDED_CHECKPOINT", "EMBEDDED_MODEL", "MIN_IMAGE_SIDE", "WORKING_IMAGE_SIDE", "ServingError",
-           "ServedModel", "Analysis", "Predictor", "load_served_model", "read_upload", "fit_picture",
+           "ServedModel", "Analysis", "Predictor", "load_served_model", "read_upload", "fit_picture", "picture_digest",
            "export_checkpoint"]
 
 PathLike = Union[str, Path]
@@ -191,9 +192,10 @@ def load_served_model(name: Optional[str] = None, checkpoint: Optional[PathLike]
     if trained_as is not None and trained_as != name:
         raise ServingError(f"{label} was trained as {trained_as}, not {name}: choose {trained_as}")
     num_classes = int(state["head.weight"].shape[0]) if checkpoint is not None and "head.weight" in state else 1000
-    import timm
-
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **(hyper.get("model_kwargs") or {}))
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **(hyper.get("model_kwargs") or {}))
+    except (TypeError, ValueError) as error:
+        raise ServingError(f"cannot build {name} with the settings stored in {label}: {error}") from None
     if checkpoint is not None:
         try:
             load_weights(model, state, source=label)
@@ -204,9 +206,9 @@ def load_served_model(name: Optional[str] = None, checkpoint: Optional[PathLike]
     data_hyper = contents.get("datamodule_hyper_parameters") or {}
     input_size = int(data_hyper.get("image_size") or cfg.get("input_size", (3, 224, 224))[-1])
     key = f"{name}:{_file_digest(Path(checkpoint)) if checkpoint is not None else 'random'}"
-    return ServedModel(key=key, name=name, model=model,
-                       class_names=_class_names(num_classes, hyper.get("class_names")), input_size=input_size,
-                       mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+    return ServedModel(key=key, name=name, model=model, class_names=_class_names(num_classes, hyper.get("class_names")),
+                       input_size=input_size, mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+                       std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)))
 
 
 # ----------------------------------------------------------------------------------------------

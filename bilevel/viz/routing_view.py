@@ -36,15 +36,18 @@ def layer_position(module: str) -> Optional[tuple[int, int]]:
 
 
 def routing_layers(records: Iterable[RoutingRecord]) -> dict[tuple[int, int], RoutingRecord]:
-    """The drawable records by (stage, block), in stage/block order.
+    """The drawable records by (stage, layer), in stage/layer order.
 
-    Records whose module name has no stage/block (a bare operator) are numbered as blocks of stage 0
-    in call order. Records of kinds this view cannot draw are left out.
+    layer: the attention calls of a stage numbered in block order, so a block with two attention
+    modules (DeBiFormer's BRA then DBRA) gives two layers. Records whose module name has no stage/block
+    (a bare operator) count as stage 0 in call order. Kinds this view cannot draw are left out.
     """
+    drawable = [(layer_position(record.module) or (0, order), record.module, record)
+                for order, record in enumerate(r for r in records if r.kind in _DRAWN_KINDS)]
     layers: dict[tuple[int, int], RoutingRecord] = {}
-    for order, record in enumerate(r for r in records if r.kind in _DRAWN_KINDS):
-        layers.setdefault(layer_position(record.module) or (0, order), record)
-    return dict(sorted(layers.items()))
+    for (stage, _), _, record in sorted(drawable, key=lambda item: item[:2]):
+        layers[stage, sum(1 for s, _ in layers if s == stage)] = record
+    return layers
 
 
 def token_at(point: tuple[float, float], map_size: tuple[int, int]) -> tuple[int, int]:

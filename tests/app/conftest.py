@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bilevel.data.images import list_images
+from bilevel.data.images import list_images, read_mask
 from bilevel.data.shapes import SHAPE_CLASSES, builtin_shapes
 
 
@@ -28,8 +28,10 @@ def embedded():
 
 @pytest.fixture(scope="session")
 def shape_pictures(shapes_root) -> dict[str, Path]:
-    """One validation picture per shape class (class name -> file)."""
-    return {name: list_images(shapes_root / "classification" / "val" / name)[0] for name in SHAPE_CLASSES}
+    """Per shape class, the first validation picture showing that shape alone (class name -> file)."""
+    masks = shapes_root / "segmentation" / "val" / "masks"
+    return {name: next(path for path in list_images(shapes_root / "classification" / "val" / name)
+                       if len(np.unique(read_mask(masks / path.name))) == 2) for name in SHAPE_CLASSES}
 
 
 def write_bytes(folder: Path, name: str, payload: bytes) -> Path:

@@ -29,7 +29,7 @@ def test_upload_returns_predictions_and_overlays_and_a_redraw_reuses_the_pass(cl
     assert "query region 36 of the 8x8 grid" in message
     passes = predictor.forward_passes
     other_routes, other_heat, other_message, _ = client.predict(1, 0, 0.05, 0.05, api_name="/route")
-    assert "Stage 1, block 0" in other_message and "query region 0 " in other_message
+    assert "Stage 1, layer 0 (stages.1.0.attn, bra)" in other_message and "query region 0 " in other_message
     assert not np.array_equal(pixels(other_routes), pixels(routes))
     assert not np.array_equal(pixels(other_heat), pixels(heat))
     assert predictor.forward_passes == passes

@@ -22,10 +22,14 @@ def bra_record(module: str = "stages.0.0.attn", map_size=(8, 12), grid=(2, 3), t
                          indices=logits.topk(topk, dim=-1).indices, logits=logits)
 
 
-def test_layers_are_keyed_by_stage_and_block_and_skip_other_kinds():
+def test_layers_are_keyed_by_stage_and_attention_layer_and_skip_other_kinds():
     records = [bra_record("stages.1.0.attn"), bra_record("stages.0.1.attn"), bra_record("stages.0.0.attn"),
                RoutingRecord(module="stages.2.0.attn", kind="global", map_size=(2, 2))]
-    assert list(routing_layers(records)) == [(0, 0), (0, 1), (1, 0)]
+    assert {key: record.module for key, record in routing_layers(records).items()} == {
+        (0, 0): "stages.0.0.attn", (0, 1): "stages.0.1.attn", (1, 0): "stages.1.0.attn"}
+    two_per_block = [bra_record("stages.3.0.attn2"), bra_record("stages.3.0.attn1"), bra_record("stages.3.1.attn1")]
+    assert [record.module for record in routing_layers(two_per_block).values()] == [
+        "stages.3.0.attn1", "stages.3.0.attn2", "stages.3.1.attn1"]
     assert layer_position("layers.2.blocks.3.attn") == (2, 3)
     bare = [bra_record("BiLevelRoutingAttention"), bra_record("BiLevelRoutingAttention")]
     assert list(routing_layers(bare)) == [(0, 0), (0, 1)]

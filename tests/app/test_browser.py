@@ -1,0 +1,51 @@
+"""A real browser on the launched app: Debian's headless Chromium driven by Playwright (no browser download).
+
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``): the test fails, not skips, without it.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+ROUTES_IMAGE = "#routes img"
+
+
+def fetched_pixels(page, url: str) -> np.ndarray:
+    response = page.request.get(url)
+    assert response.ok, url
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+
+
+def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
+    url, predictor = launched_app
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.locator("input[type=file]").first.set_input_files(str(shape_pictures["triangle"]))
+            page.wait_for_selector(ROUTES_IMAGE, timeout=60_000)
+            page.get_by_text("triangle", exact=True).first.wait_for(timeout=60_000)
+            before_src = page.locator(ROUTES_IMAGE).get_attribute("src")
+            passes = predictor.forward_passes
+            box = page.locator(ROUTES_IMAGE).bounding_box()
+            page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.85)
+            page.wait_for_function("([selector, old]) => document.querySelector(selector)?.src !== old",
+                                   arg=[ROUTES_IMAGE, before_src], timeout=60_000)
+            after_src = page.locator(ROUTES_IMAGE).get_attribute("src")
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            before, after = fetched_pixels(page, before_src), fetched_pixels(page, after_src)
+        finally:
+            browser.close()
+    assert before.shape == after.shape and not np.array_equal(before, after)
+    assert predictor.forward_passes == passes, "a click must not run the network again"
+    assert (tmp_path / "app.png").stat().st_size > 10_000
