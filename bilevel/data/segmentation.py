@@ -4,7 +4,8 @@ Layouts (``layout``):
     "folders": ``root/{train,val}/images/*`` and ``root/{train,val}/masks/*.png``
     "ade20k":  ``root/images/{training,validation}/*.jpg`` and ``root/annotations/{training,validation}/*.png``
 Masks hold class indices (single-channel or palette PNG); 255 is ignored. Class names come from
-``classes``, else ``root/classes.txt`` (one per line), else ``class_0 ...`` up to the largest label.
+``classes``, else ``root/classes.txt`` (one per line, in label order; with ``reduce_zero_label`` its first
+line, the name of label 0, is dropped), else ``class_0 ...`` up to the largest label.
 """
 from __future__ import annotations
 
