@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Re-install only when the packaging changes.
 INSTALLED := $(VENV)/.installed
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded browser).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup test demo notebooks bench clean
 
@@ -15,7 +18,11 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
-test: $(INSTALLED)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends chromium
+
+test: $(INSTALLED) $(CHROMIUM)
 	$(PY) -m pytest -n 2 --durations=15
 
 demo: $(INSTALLED)

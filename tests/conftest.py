@@ -4,12 +4,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# torch.compile caches generated kernels on disk; parallel test workers must not share a cache folder
+# (concurrent writers leave truncated kernels behind).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"bilevel-inductor-{os.getuid()}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
 REFERENCE = Path(os.environ.get("BILEVEL_REFERENCE", PROJECT_ROOT.parent / "shared" / "reference"))
 GOLDEN = REFERENCE / "golden"
 

@@ -208,3 +208,12 @@ def test_recording_is_off_by_default_and_scoped():
         op(torch.randn(1, 4, 4, 16))
     op(torch.randn(1, 4, 4, 16))
     assert len(trace) == 1 and trace[0].kind == "bra" and trace[0].map_size == (4, 4)
+
+
+def test_inductor_compiled_bra_matches_eager():
+    op = BiLevelRoutingAttention(32, num_heads=2, n_win=7, topk=4, side_dwconv=5, auto_pad=True).eval()
+    x = torch.randn(2, 15, 20, 32)
+    with torch.no_grad():
+        expected = op(x)
+        compiled = torch.compile(op, backend="inductor")(x)
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
