@@ -44,8 +44,9 @@ from bilevel.ops.regions import region_partition
 from bilevel.ops.routing import region_affinity, topk_routing
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: dense baselines (dense SDPA, dense_mask, CPU flex which is unfused there) are skipped above this many tokens
+#: dense SDPA over all tokens is skipped above this many tokens (minutes per run) ...
 DENSE_MAX_TOKENS = 16384
+#: ... and dense_mask and flex (eager on CPU: both hold the full token-by-token matrix) above this many
 MASK_MAX_TOKENS = 4096
 
 

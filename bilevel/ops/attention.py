@@ -78,22 +78,29 @@ DENSE_MIN_ROUTED_FRACTION = 0.25
 ROUTED_COPY_LIMIT_BYTES = 256 * 2 ** 20
 
 
+def _flex_fits(query: Tensor, num_heads: int) -> bool:
+    from torch.utils._triton import has_triton
+    head_dim = query.shape[-1] // num_heads
+    return has_triton() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: Optional[Tensor] = None,
-                   value_channels: Optional[int] = None) -> str:
+                   value_channels: Optional[int] = None, num_heads: int = 1) -> str:
     """The backend ``backend="auto"`` uses; the rule follows ``benchmarks/results/bra_cpu.md``.
 
-    - CUDA without region_weights: ``flex`` (block-sparse fused kernel);
+    - CUDA without region_weights, with Triton and head sizes FlexAttention compiles for (powers of two,
+      at least 16): ``flex`` (block-sparse fused kernel);
     - small key maps routed densely (at most ``DENSE_MAX_KEY_TOKENS`` key tokens, topk covering at least
       ``DENSE_MIN_ROUTED_FRACTION`` of the regions), no region_weights: ``dense_mask`` (one large
       SDPA beats many small ones there: BiFormer-T stage 3);
     - training where the routed copy sdpa keeps for backward (topk x the size of k and v) would exceed
       ``ROUTED_COPY_LIMIT_BYTES``: ``recompute``;
     - otherwise ``sdpa``, the fastest backend at every other measured setting, training and inference.
-    value_channels: channels of the values (default: those of the keys).
+    value_channels: channels of the values (default: those of the keys); num_heads: for the head size.
     """
-    if region_weights is None and query.device.type == "cuda":
+    if region_weights is None and query.device.type == "cuda" and _flex_fits(query, num_heads):
         return "flex"
-    n, num_key_regions, key_tokens, key_channels = key.shape
+    _, num_key_regions, key_tokens, key_channels = key.shape
     topk = indices.shape[-1]
     if (region_weights is None and num_key_regions * key_tokens <= DENSE_MAX_KEY_TOKENS
             and topk >= DENSE_MIN_ROUTED_FRACTION * num_key_regions):
@@ -114,7 +121,7 @@ def routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
     backend: "auto" (see :func:`select_backend`) or one of :data:`ATTENTION_BACKENDS`.
     """
     if backend == "auto":
-        backend = select_backend(query, key, indices, region_weights, value.shape[-1])
+        backend = select_backend(query, key, indices, region_weights, value.shape[-1], num_heads)
     try:
         function = ATTENTION_BACKENDS[backend]
     except KeyError:
