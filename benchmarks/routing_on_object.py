@@ -51,7 +51,7 @@ def measure(checkpoint=None, pictures: int = 48, on_object: float = 0.5) -> dict
                 continue
             boxes = region_boxes(objects.shape, record.map_size, record.region_grid, record.region_size)
             share = object_share(objects, boxes)
-            entry = totals.setdefault(f"stage {stage} block {block}", {"queries": 0, "routed": 0.0, "chance": 0.0,
+            entry = totals.setdefault(f"stage {stage} layer {block}", {"queries": 0, "routed": 0.0, "chance": 0.0,
                                                                        "topk": record.indices.shape[-1],
                                                                        "regions": len(boxes)})
             for query in np.flatnonzero(share >= on_object):

@@ -79,3 +79,14 @@ def test_eight_simultaneous_requests_all_succeed(launched_app, tmp_path):
         results = list(pool.map(one_user, uploads))
     assert all(len(labels["confidences"]) == 4 and routes for labels, routes, *_ in results)
     assert predictor.forward_passes - before == 8
+
+
+def test_command_line_defaults_and_a_bad_checkpoint(tmp_path):
+    import app
+
+    options = app.parse_args([])
+    assert (options.host, options.port, options.model, options.checkpoint) == ("127.0.0.1", 7860, None, None)
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(SystemExit, match="app.py: broken.ckpt"):
+        app.main(["--model", "biformer_tiny", "--checkpoint", str(path)])

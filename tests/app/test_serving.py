@@ -140,3 +140,19 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "hook": threading.Thread}, path)
     with pytest.raises(ServingError, match="weights-only"):
         load_served_model("biformer_tiny", path)
+
+
+def test_embedded_routing_favours_the_object(shapes_root, monkeypatch):
+    """benchmarks/routing_on_object.py on part of the validation split: some layer routes onto the object."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "routing_on_object.py"
+    spec = importlib.util.spec_from_file_location("routing_on_object", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.setenv("BILEVEL_CACHE", str(shapes_root.parent))
+    result = benchmark.measure(pictures=16)
+    layers = result["layers"].values()
+    assert result["pictures"] == 16 and all(entry["queries"] > 0 for entry in layers)
+    assert max(entry["routed"] / entry["chance"] for entry in layers) > 1.5
