@@ -200,10 +200,15 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> g
                     stage = gr.Slider(0, 3, value=0, step=1, label="Stage")
                     block = gr.Slider(0, 1, value=0, step=1, label="Block (attention layer of the stage)")
                 with gr.Row():
-                    routes = gr.Image(label="Routed regions (click a region)", type="numpy", interactive=False,
-                                      format="png", elem_id="routes")
-                    heat = gr.Image(label="Region affinity of the query region", type="numpy", interactive=False,
-                                    format="png", elem_id="heat")
+                    with gr.Column():
+                        gr.Markdown("**Routed regions** (blue: query region; yellow: its top-k, ranked). "
+                                    "Click a region to query it.")
+                        routes = gr.Image(label="Routed regions", show_label=False, type="numpy", interactive=False,
+                                          format="png", elem_id="routes")
+                    with gr.Column():
+                        gr.Markdown("**Region affinity** of the query region to every region (bright: high).")
+                        heat = gr.Image(label="Region affinity", show_label=False, type="numpy", interactive=False,
+                                        format="png", elem_id="heat")
                 with gr.Row():
                     point_x = gr.Number(0.5, label="Query point x (fraction of the width)", minimum=0, maximum=1)
                     point_y = gr.Number(0.5, label="Query point y (fraction of the height)", minimum=0, maximum=1)

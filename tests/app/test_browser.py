@@ -14,6 +14,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 ROUTES_IMAGE = "#routes img"
+HEAT_IMAGE = "#heat img"
+CHANGED = "([selector, old]) => document.querySelector(selector)?.src !== old"
 
 
 def fetched_pixels(page, url: str) -> np.ndarray:
@@ -35,17 +37,22 @@ def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp
             page.locator("input[type=file]").first.set_input_files(str(shape_pictures["triangle"]))
             page.wait_for_selector(ROUTES_IMAGE, timeout=60_000)
             page.get_by_text("triangle", exact=True).first.wait_for(timeout=60_000)
-            before_src = page.locator(ROUTES_IMAGE).get_attribute("src")
+            page.wait_for_selector(HEAT_IMAGE, timeout=60_000)
+            before_src = {image: page.locator(image).get_attribute("src") for image in (ROUTES_IMAGE, HEAT_IMAGE)}
             passes = predictor.forward_passes
             box = page.locator(ROUTES_IMAGE).bounding_box()
             page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.85)
-            page.wait_for_function("([selector, old]) => document.querySelector(selector)?.src !== old",
-                                   arg=[ROUTES_IMAGE, before_src], timeout=60_000)
-            after_src = page.locator(ROUTES_IMAGE).get_attribute("src")
+            for image, old in before_src.items():
+                page.wait_for_function(CHANGED, arg=[image, old], timeout=60_000)
+            after_src = {image: page.locator(image).get_attribute("src") for image in (ROUTES_IMAGE, HEAT_IMAGE)}
+            for image in after_src:
+                page.wait_for_function("selector => document.querySelector(selector)?.complete", arg=image)
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-            before, after = fetched_pixels(page, before_src), fetched_pixels(page, after_src)
+            changed = {image: (fetched_pixels(page, before_src[image]), fetched_pixels(page, after_src[image]))
+                       for image in before_src}
         finally:
             browser.close()
-    assert before.shape == after.shape and not np.array_equal(before, after)
+    for image, (before, after) in changed.items():
+        assert before.shape == after.shape and not np.array_equal(before, after), image
     assert predictor.forward_passes == passes, "a click must not run the network again"
     assert (tmp_path / "app.png").stat().st_size > 10_000
