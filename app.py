@@ -178,7 +178,8 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> g
             None, {}, None, None, "Model loaded: upload an image or pick an example.", gr.Slider(), gr.Slider())
         return (key, describe_model(shelf.get(key)), *outputs)
 
-    with gr.Blocks(title="bilevel: bi-level routing attention") as demo:
+    # analytics off: the demo runs offline and reports nothing to Gradio's servers
+    with gr.Blocks(title="bilevel: bi-level routing attention", analytics_enabled=False) as demo:
         gr.Markdown("# Bi-level routing attention, live\nUpload an image or pick an example: the model's top-5 "
                     "classes, and for the region you click, the regions its attention was routed to.")
         model_key = gr.State(default.key)
