@@ -1,9 +1,10 @@
 """What every four-stage pyramid backbone here shares: timm's feature API and input checks.
 
-A family's model class inherits :class:`PyramidBackbone` and implements ``run_stage(i, x)`` (the
-i-th stage, from the previous stage's output in the family's own layout), ``stage_containers()``
-(the ModuleLists indexed by stage, pruned together), ``forward_head``, ``reset_classifier`` and,
-when its stages are not NCHW, ``stage_to_nchw(i, x)``; this class supplies ``forward_features``, ``forward_intermediates`` and
+A family's model class inherits :class:`PyramidBackbone`, implements ``run_stage(i, x)`` (the
+i-th stage, from the previous stage's output in the family's own layout) and ``stage_containers()``
+(the ModuleLists indexed by stage, pruned together), sets ``pool_dims`` (and ``stage_to_nchw``) when
+its features are not NCHW, and calls ``init_classifier`` at the end of its constructor. This class
+supplies the pooled linear head, ``forward_features``, ``forward_intermediates`` and
 ``prune_intermediate_layers`` as timm expects them, and the input-size check.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from timm.models._features import feature_take_indices
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 from torch import Tensor, nn
 
@@ -28,6 +30,35 @@ class PyramidBackbone(nn.Module):
     #: smallest input side the network accepts (its total stride, unless the family says otherwise)
     min_input_size = 32
     in_chans = 3
+    #: the axes of the final features that global average pooling reduces ((2, 3) for NCHW maps)
+    pool_dims: tuple[int, ...] = (2, 3)
+
+    def init_classifier(self, num_features: int, num_classes: int, drop_rate: float, global_pool: str,
+                        feature_info: list[dict]) -> None:
+        """Build the pooled linear head and timm's metadata, then initialise the weights."""
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = num_features
+        self.global_pool = global_pool
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = feature_info
+        self.apply(_init_transformer_weights)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Final features -> (N, num_classes) logits (or the pooled (N, num_features) with pre_logits)."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=self.pool_dims)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def stage_to_nchw(self, index: int, x: Tensor) -> Tensor:
         """The stage output as (N, C, H, W); families whose stages keep NCHW need not override."""
@@ -94,6 +125,17 @@ class PyramidBackbone(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
+
+
+def _init_transformer_weights(module: nn.Module) -> None:
+    """The official initialisation: truncated-normal linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 def build_pyramid(model_cls, variant: str, pretrained: bool = False, **kwargs):

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -252,24 +252,9 @@ class _BiFormerBase(PyramidBackbone):
     """What both BiFormer layouts share: stem/downsample list, stages, BatchNorm head."""
 
     def _init_head(self, dims: Sequence[int], num_classes: int, drop_rate: float, global_pool: str) -> None:
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.global_pool = global_pool
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}")
-                             for i, dim in enumerate(dims)]
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.init_classifier(dims[-1], num_classes, drop_rate, global_pool,
+                             [dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}")
+                              for i, dim in enumerate(dims)])
 
     def run_stage(self, index: int, x: Tensor) -> Tensor:
         """(N, C_{i-1}, H, W) -> (N, C_i, H', W'): downsample, then the blocks of stage ``index``."""
@@ -277,22 +262,6 @@ class _BiFormerBase(PyramidBackbone):
 
     def stage_containers(self) -> list[nn.ModuleList]:
         return [self.downsample_layers, self.stages]
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """x: (N, C, H, W) features -> (N, num_classes) logits (or pooled features)."""
-        if self.global_pool == "avg":
-            x = x.flatten(2).mean(-1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -156,6 +156,9 @@ class CrossFormerStage(nn.Module):
 class CrossFormer(PyramidBackbone):
     """CrossFormer (official constructor arguments, see ``ARCHITECTURES.md`` §3)."""
 
+    #: final features are (N, H, W, C) tokens
+    pool_dims = (1, 2)
+
     def __init__(self, img_size: int = 224, patch_size: Sequence[int] = (4, 8, 16, 32), in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), group_size: Sequence[int] = (7, 7, 7, 7),
@@ -185,24 +188,9 @@ class CrossFormer(PyramidBackbone):
             downsample = PatchMerging(dims[i], merge_size[i]) if i < self.num_stages - 1 else None
             self.layers.append(CrossFormerStage(blocks, downsample))
         self.norm = nn.LayerNorm(dims[-1])
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.global_pool = global_pool
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=dim, reduction=patch_size[0] * 2 ** i, module=f"layers.{i}")
-                             for i, dim in enumerate(dims)]
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.init_classifier(dims[-1], num_classes, drop_rate, global_pool,
+                             [dict(num_chs=dim, reduction=patch_size[0] * 2 ** i, module=f"layers.{i}")
+                              for i, dim in enumerate(dims)])
 
     def run_stage(self, index: int, x: Tensor) -> Tensor:
         """Stage 0: (N, 3, H, W) image -> (N, H/4, W/4, C0); stage i > 0: merge, then the blocks.
@@ -220,22 +208,6 @@ class CrossFormer(PyramidBackbone):
 
     def stage_containers(self) -> list[nn.ModuleList]:
         return [self.layers]
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """x: (N, H, W, C) normalised features -> (N, num_classes) logits (or the pooled features)."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Drop the per-attention tables that released (v1) checkpoints carry (recomputed here)."""
