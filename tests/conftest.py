@@ -56,3 +56,30 @@ def state_dict_layout(module: torch.nn.Module) -> list[list]:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def assert_model_matches_golden_case(path: Path, golden_fill) -> None:
+    """Build the case's model, check its state-dict layout and size, fill it, and compare its output.
+
+    Also checks that the number of routing decisions recorded equals the official top-k calls.
+    Optional entries (CrossFormer v1 buffers) may be present or not.
+    """
+    import bilevel
+    from bilevel.ops import record_routing
+
+    case = load_case(path)
+    model = bilevel.create_model(case["model"], **case.get("create_kwargs", {}))
+    layout = {str(entry) for entry in state_dict_layout(model)}
+    required = {str(entry) for entry in case["state_dict"]}
+    optional = {str(entry) for entry in case.get("optional_state_dict") or []}
+    assert required <= layout, f"missing state-dict entries: {sorted(required - layout)[:5]}"
+    assert layout <= required | optional, f"unexpected state-dict entries: {sorted(layout - required - optional)[:5]}"
+    assert sum(p.numel() for p in model.parameters()) == case["param_count"]
+    golden_fill.fill_(model)
+    model.eval()
+    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
+    with torch.no_grad(), record_routing(model) as trace:
+        out = model(x)
+    expected = golden_fill.decode_tensor(case["output"])
+    torch.testing.assert_close(out, expected, atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
+    assert sum(record.indices is not None for record in trace) == case["routing"]["topk_calls"]

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import reference_routed_attention, routed_attention
 from .recording import emit, is_recording
-from .regions import (ceil_region_means, check_region_grid, grid_for_region_size, pad_to_multiple,
+from .regions import (ceil_region_means, fit_to_region_grid, grid_for_region_size, pad_to_multiple,
                       region_merge, region_partition)
 from .routing import TopkRouter, region_affinity, topk_routing
 
@@ -120,10 +118,7 @@ class BiLevelRoutingAttention(nn.Module):
         routing indices (N, S², topk) and attention weights (N * S², heads, h * w, topk * h * w)."""
         n, height, width, _ = x.shape
         grid = (self.n_win, self.n_win)
-        if self.auto_pad:
-            x = pad_to_multiple(x, grid)
-        else:
-            check_region_grid(height, width, grid, type(self).__name__)
+        x = fit_to_region_grid(x, grid, self.auto_pad, type(self).__name__)
         padded_h, padded_w = x.shape[1], x.shape[2]
         region_size = (padded_h // self.n_win, padded_w // self.n_win)
 

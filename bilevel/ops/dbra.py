@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .attention import merge_heads, reference_routed_attention, routed_attention, split_heads
 from .bra import lepe_conv
 from .recording import emit, is_recording
-from .regions import check_region_grid, pad_to_multiple, region_merge, region_partition
+from .regions import check_region_grid, fit_to_region_grid, pad_to_multiple, region_merge, region_partition
 from .routing import TopkRouter
 
 __all__ = ["DeBiLevelRoutingAttention", "TransformerMLPWithConv", "DeformableSettings", "DEFORMABLE_SETTINGS",
@@ -249,10 +249,7 @@ class DeBiLevelRoutingAttention(nn.Module):
         (N * S², heads, hg * wg, topk * h * w))."""
         n, height, width, channels = x.shape
         grid = (self.n_win, self.n_win)
-        if self.auto_pad:
-            x = pad_to_multiple(x, grid)
-        else:
-            check_region_grid(height, width, grid, type(self).__name__)
+        x = fit_to_region_grid(x, grid, self.auto_pad, type(self).__name__)
         padded_h, padded_w = x.shape[1], x.shape[2]
         groups = self.settings.groups
 

@@ -18,6 +18,7 @@ __all__ = [
     "ceil_region_means",
     "grid_for_region_size",
     "check_region_grid",
+    "fit_to_region_grid",
 ]
 
 
@@ -110,3 +111,15 @@ def check_region_grid(height: int, width: int, grid: tuple[int, int], what: str)
             f"or give a size that is a multiple of {grid[0]}x{grid[1]}"
         )
 
+
+
+def fit_to_region_grid(x: Tensor, grid: tuple[int, int], auto_pad: bool, what: str) -> Tensor:
+    """Make an NHWC map divisible into ``grid`` regions: zero-pad it (auto_pad) or check that it is.
+
+    x: (N, H, W, C) -> (N, Hp, Wp, C), padded bottom/right; raises ValueError naming ``what`` when
+    the map does not divide and padding is off.
+    """
+    if auto_pad:
+        return pad_to_multiple(x, grid)
+    check_region_grid(x.shape[1], x.shape[2], grid, what)
+    return x

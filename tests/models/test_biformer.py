@@ -12,8 +12,7 @@ import bilevel
 from bilevel.models._pyramid import InputSizeError
 from bilevel.models.biformer import BiFormer
 from bilevel.models.loading import CheckpointError
-from bilevel.ops import record_routing
-from tests.conftest import golden_cases, load_case, state_dict_layout
+from tests.conftest import assert_model_matches_golden_case, golden_cases
 
 MODEL_CASES = golden_cases("model", "biformer")
 
@@ -38,18 +37,7 @@ def small_biformer(**kwargs) -> BiFormer:
 
 @pytest.mark.parametrize("path", MODEL_CASES, ids=lambda p: p.stem)
 def test_biformer_matches_official_golden_case(path, golden_fill):
-    case = load_case(path)
-    model = bilevel.create_model(case["model"], **case.get("create_kwargs", {}))
-    assert sorted(map(str, state_dict_layout(model))) == sorted(map(str, case["state_dict"]))
-    assert sum(p.numel() for p in model.parameters()) == case["param_count"]
-    golden_fill.fill_(model)
-    model.eval()
-    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
-    with torch.no_grad(), record_routing(model) as trace:
-        out = model(x)
-    expected = golden_fill.decode_tensor(case["output"])
-    torch.testing.assert_close(out, expected, atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
-    assert len(trace) == case["routing"]["topk_calls"]
+    assert_model_matches_golden_case(path, golden_fill)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMETERS))

@@ -13,7 +13,7 @@ from bilevel.models._pyramid import InputSizeError
 from bilevel.models.crossformer import CrossFormer
 from bilevel.ops.lsda import relative_offsets, relative_position_index
 from bilevel.ops.recording import record_routing
-from tests.conftest import golden_cases, load_case, state_dict_layout
+from tests.conftest import assert_model_matches_golden_case, golden_cases
 
 GOLDEN = golden_cases("model", "crossformer")
 
@@ -33,27 +33,9 @@ def _small(**kwargs) -> CrossFormer:
     return CrossFormer(**dict(SMALL, **kwargs)).eval()
 
 
-def _layout_set(layout):
-    return sorted((key, tuple(shape), dtype) for key, shape, dtype in layout)
-
-
 @pytest.mark.parametrize("path", GOLDEN, ids=[p.stem for p in GOLDEN])
 def test_golden_case(path, golden_fill):
-    case = load_case(path)
-    model = timm.create_model(case["model"], **case["create_kwargs"])
-    ours = _layout_set(state_dict_layout(model))
-    expected = _layout_set(case["state_dict"])
-    optional = _layout_set(case.get("optional_state_dict", []))
-    assert set(expected) <= set(ours), f"missing: {sorted(set(expected) - set(ours))[:5]}"
-    assert set(ours) <= set(expected) | set(optional), f"extra: {sorted(set(ours) - set(expected))[:5]}"
-    assert sum(p.numel() for p in model.parameters()) == case["param_count"]
-    golden_fill.fill_(model)
-    model.eval()
-    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
-    with torch.no_grad():
-        out = model(x)
-    torch.testing.assert_close(out, golden_fill.decode_tensor(case["output"]),
-                               atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
+    assert_model_matches_golden_case(path, golden_fill)
 
 
 def test_golden_cases_exist():

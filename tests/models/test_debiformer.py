@@ -10,7 +10,7 @@ from bilevel.models._pyramid import InputSizeError
 from bilevel.models.debiformer import Block, DeBiFormer
 from bilevel.ops import record_routing
 from bilevel.ops.dbra import DeBiLevelRoutingAttention
-from tests.conftest import golden_cases, load_case, state_dict_layout
+from tests.conftest import assert_model_matches_golden_case, golden_cases, state_dict_layout
 
 MODEL_CASES = golden_cases("model", "debi")
 
@@ -30,18 +30,7 @@ def test_public_model_case_is_present():
 
 @pytest.mark.parametrize("path", MODEL_CASES, ids=lambda p: p.stem)
 def test_debiformer_matches_official_golden_case(path, golden_fill):
-    case = load_case(path)
-    model = bilevel.create_model(case["model"], **case.get("create_kwargs", {}))
-    assert sorted(map(str, state_dict_layout(model))) == sorted(map(str, case["state_dict"]))
-    assert sum(p.numel() for p in model.parameters()) == case["param_count"]
-    golden_fill.fill_(model)
-    model.eval()
-    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
-    with torch.no_grad(), record_routing(model) as trace:
-        out = model(x)
-    expected = golden_fill.decode_tensor(case["output"])
-    torch.testing.assert_close(out, expected, atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
-    assert len(trace) == case["routing"]["topk_calls"]
+    assert_model_matches_golden_case(path, golden_fill)
 
 
 @pytest.mark.parametrize("name", ["debi_tiny", "debi_small", "debi_base"])
