@@ -29,7 +29,6 @@ def create_op(class_name: str, **kwargs) -> nn.Module:
     A drop-in for code written against the official modules, e.g.
     ``create_op("BiLevelRoutingAttention", dim=64, num_heads=2, n_win=7, topk=1)``.
     """
-    _load_families()
     try:
         cls = OPS[class_name]
     except KeyError:
@@ -55,8 +54,3 @@ def create_model(name: str, checkpoint_path: Optional[Union[str, Path]] = None, 
     """
     from .models.loading import create_model as _create
     return _create(name, checkpoint_path=checkpoint_path, num_classes=num_classes, **kwargs)
-
-
-def _load_families() -> None:
-    """Import the model families so that their ops and timm registrations exist."""
-    from . import models  # noqa: F401

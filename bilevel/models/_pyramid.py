@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from timm.models._features import feature_take_indices
+import torch
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["PyramidBackbone", "build_pyramid", "InputSizeError"]
 
@@ -32,6 +34,17 @@ class PyramidBackbone(nn.Module):
     in_chans = 3
     #: the axes of the final features that global average pooling reduces ((2, 3) for NCHW maps)
     pool_dims: tuple[int, ...] = (2, 3)
+    grad_checkpointing = False
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage during backward instead of keeping its activations (less memory, more time)."""
+        self.grad_checkpointing = enable
+
+    def _run_stage(self, index: int, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.run_stage, index, x, use_reentrant=False)
+        return self.run_stage(index, x)
 
     def init_classifier(self, num_features: int, num_classes: int, drop_rate: float, global_pool: str,
                         feature_info: list[dict]) -> None:
@@ -84,7 +97,7 @@ class PyramidBackbone(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.prepare_input(x)
         for index in range(self.num_stages):
-            x = self.run_stage(index, x)
+            x = self._run_stage(index, x)
         return self.finish_features(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,7 +116,7 @@ class PyramidBackbone(nn.Module):
         x = self.prepare_input(x)
         last = max_index if (stop_early or intermediates_only) else self.num_stages - 1
         for index in range(last + 1):
-            x = self.run_stage(index, x)
+            x = self._run_stage(index, x)
             if index in take_indices:
                 feature = x
                 if norm and index == self.num_stages - 1:

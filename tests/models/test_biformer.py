@@ -222,3 +222,25 @@ def test_missing_checkpoint_file_and_unknown_model_are_named(tmp_path):
         bilevel.create_model("biformer_tiny", checkpoint_path=tmp_path / "nothing.pth")
     with pytest.raises(ValueError, match="unknown model 'biformer_huge'"):
         bilevel.create_model("biformer_huge")
+
+
+def test_importing_bilevel_registers_every_family_with_timm():
+    import subprocess
+    import sys
+    code = ("import bilevel, timm; names = timm.list_models('biformer_*') + timm.list_models('debi*') + "
+            "timm.list_models('crossformer_*'); print(sorted(names) == sorted(bilevel.list_models()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = small_biformer().train()
+    checkpointed = small_biformer().train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+    plain(x).square().mean().backward()
+    checkpointed(x).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
