@@ -12,13 +12,14 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["PyramidBackbone", "build_pyramid", "InputSizeError"]
+__all__ = ["PyramidBackbone", "build_pyramid", "imagenet_cfg", "InputSizeError"]
 
 
 class InputSizeError(ValueError):
@@ -149,6 +150,15 @@ def _init_transformer_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def imagenet_cfg(first_conv: str, **kwargs) -> dict:
+    """timm ``pretrained_cfg`` of an ImageNet-1K variant at 224 px (no download address: files are user-supplied)."""
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv, "classifier": "head", "license": "mit", **kwargs,
+    }
 
 
 def build_pyramid(model_cls, variant: str, pretrained: bool = False, **kwargs):

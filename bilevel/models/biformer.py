@@ -19,13 +19,12 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..ops.bra import BiLevelRoutingAttention, NCHWBiLevelRoutingAttention, lepe_conv
-from ._pyramid import PyramidBackbone, build_pyramid
+from ._pyramid import PyramidBackbone, build_pyramid, imagenet_cfg
 
 __all__ = ["BiFormer", "BiFormerSTL", "AttentionLePE", "NCHWAttentionLePE"]
 
@@ -345,13 +344,8 @@ class BiFormerSTL(_BiFormerBase):
 # Variants
 # ----------------------------------------------------------------------------------------------
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "downsample_layers.0.0", "classifier": "head", "license": "mit",
-        "paper_ids": "arXiv:2303.08810", "origin_url": "https://github.com/rayleizhu/BiFormer", **kwargs,
-    }
+_cfg = partial(imagenet_cfg, "downsample_layers.0.0", paper_ids="arXiv:2303.08810",
+               origin_url="https://github.com/rayleizhu/BiFormer")
 
 
 default_cfgs = generate_default_cfgs({

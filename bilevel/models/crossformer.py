@@ -24,17 +24,17 @@ zero row/column (after its LayerNorm) to an even size. ``img_size`` still sets
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..ops.lsda import V1_BUFFER_NAMES, GroupAttention, GroupLayout, attend_in_groups, padded_key_bias, plan_groups
 from ..ops.regions import pad_to_multiple
-from ._pyramid import PyramidBackbone, build_pyramid
+from ._pyramid import PyramidBackbone, build_pyramid, imagenet_cfg
 
 __all__ = ["CrossFormer", "CrossFormerBlock", "CrossScaleEmbedding", "PatchMerging"]
 
@@ -227,13 +227,8 @@ class CrossFormer(PyramidBackbone):
 # Variants
 # ----------------------------------------------------------------------------------------------
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.projs.0", "classifier": "head", "license": "mit",
-        "paper_ids": "arXiv:2108.00154", "origin_url": "https://github.com/cheerss/CrossFormer", **kwargs,
-    }
+_cfg = partial(imagenet_cfg, "patch_embed.projs.0", paper_ids="arXiv:2108.00154",
+               origin_url="https://github.com/cheerss/CrossFormer")
 
 
 default_cfgs = generate_default_cfgs({

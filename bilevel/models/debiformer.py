@@ -24,17 +24,17 @@ debiformer_base 95,501,926. The official README lists 77 M for DeBiFormer-B; the
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..ops.bra import BiLevelRoutingAttention
 from ..ops.dbra import DeBiLevelRoutingAttention, TransformerMLPWithConv
-from ._pyramid import build_pyramid
+from ._pyramid import build_pyramid, imagenet_cfg
 from .biformer import _BiFormerBase, conv_downsample, conv_stem
 
 __all__ = ["DeBiFormer", "Block"]
@@ -132,13 +132,7 @@ class DeBiFormer(_BiFormerBase):
 # Variants
 # ----------------------------------------------------------------------------------------------
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "downsample_layers.0.0", "classifier": "head", "license": "mit",
-        "origin_url": "https://github.com/maclong01/DeBiFormer", **kwargs,
-    }
+_cfg = partial(imagenet_cfg, "downsample_layers.0.0", origin_url="https://github.com/maclong01/DeBiFormer")
 
 
 default_cfgs = generate_default_cfgs({
