@@ -1,4 +1,4 @@
-"""The bilevel demo: upload an image, see the top-5 predictions beside the routed regions.
+"""The bilevel demo: upload an image, see the top-5 predictions (or the predicted mask) beside the routed regions.
 
     python app.py                                   # the embedded demo model on http://127.0.0.1:7860
     python app.py --model biformer_tiny --checkpoint biformer_tiny.pth --port 7861
@@ -20,9 +20,10 @@ from PIL import Image
 import bilevel
 from bilevel.data.images import list_images, read_image, read_mask
 from bilevel.data.shapes import SHAPE_CLASSES, builtin_shapes
-from bilevel.serving import (EMBEDDED_MODEL, Analysis, Predictor, ServedModel, ServingError, fit_picture,
-                             load_served_model, read_upload)
+from bilevel.serving import (EMBEDDED_MODEL, EMBEDDED_MODELS, Analysis, Predictor, ServedModel, ServingError,
+                             fit_picture, load_served_model, read_upload)
 from bilevel.viz.images import SAMPLE_IMAGES, load_sample_image
+from bilevel.viz.masks import draw_mask_legend, overlay_mask
 from bilevel.viz.routing_view import draw_lsda_group, draw_routing, region_at, routing_layers
 
 #: the longer side of the pictures the interface shows
@@ -81,8 +82,29 @@ def display_picture(picture: Image.Image) -> np.ndarray:
 
 def describe_model(served: ServedModel) -> str:
     names = ", ".join(served.class_names[:6]) + (", ..." if len(served.class_names) > 6 else "")
-    return (f"**{served.name}** — {len(served.class_names)} classes ({names}); "
+    kind = "segmentation: " if served.task == "segmentation" else ""
+    return (f"**{served.name}** — {kind}{len(served.class_names)} classes ({names}); "
             f"input {served.input_size}x{served.input_size}")
+
+
+def mask_picture(analysis: Analysis) -> np.ndarray:
+    """A segmenter's predicted mask over the picture, with a legend of the classes it found (share of pixels)."""
+    picture = display_picture(analysis.picture)
+    num_classes = len(analysis.class_names)
+    shares = analysis.probabilities.tolist()
+    present = sorted((index for index in range(num_classes) if shares[index] > 0), key=lambda i: -shares[i])
+    entries = [(index, f"{analysis.class_names[index]} {100 * shares[index]:.0f}%") for index in present]
+    return draw_mask_legend(overlay_mask(picture, analysis.mask.numpy(), num_classes=num_classes), entries,
+                            num_classes)
+
+
+def prediction_outputs(analysis: Optional[Analysis]):
+    """(predictions label, mask image) for an analysis: the mask is shown for segmentation models only."""
+    if analysis is None:
+        return {}, gr.Image(value=None, visible=False)
+    if analysis.mask is None:
+        return analysis.top(5), gr.Image(value=None, visible=False)
+    return analysis.top(5), gr.Image(value=mask_picture(analysis), visible=True)
 
 
 def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_x: float, point_y: float):
@@ -118,12 +140,13 @@ def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_
     return routes, heat, message, block_slider
 
 
-def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> gr.Blocks:
-    """The interface around ``default`` (the model every session starts with)."""
+def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
+               default_choice: str = EMBEDDED_MODEL) -> gr.Blocks:
+    """The interface around ``default`` (the model every session starts with; ``default_choice`` names it)."""
     predictor = predictor or Predictor()
     shelf = ModelShelf(default)
     examples = builtin_examples()
-    model_choices = [EMBEDDED_MODEL] + list(bilevel.list_models())
+    model_choices = list(EMBEDDED_MODELS) + list(bilevel.list_models())
 
     def analysed(picture: Optional[Image.Image], model_key: str, stage: int, block: int, x: float, y: float):
         try:
@@ -132,26 +155,28 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> g
             analysis = predictor.analyse(shelf.get(model_key), fit_picture(picture))
         except ServingError as error:
             gr.Warning(str(error))
-            return None, {}, None, None, f"**Could not analyse the image:** {error}", gr.Slider(), gr.Slider()
+            return (None, *prediction_outputs(None), None, None, f"**Could not analyse the image:** {error}",
+                    gr.Slider(), gr.Slider())
         layers = routing_layers(analysis.records)
         stages = sorted({s for s, _ in layers}) or [0]
         stage = int(stage) if int(stage) in stages else stages[0]
         stage_slider = gr.Slider(minimum=stages[0], maximum=max(stages[-1], stages[0] + 1), value=stage,
                                  interactive=len(stages) > 1)
         routes, heat, message, block_slider = routing_outputs(analysis, stage, block, x, y)
-        return analysis, analysis.top(5), routes, heat, message, stage_slider, block_slider
+        return analysis, *prediction_outputs(analysis), routes, heat, message, stage_slider, block_slider
 
     def analyse_upload(path, model_key, stage, block, x, y):
         try:
             picture = read_upload(path) if path else None
         except ServingError as error:
             gr.Warning(str(error))
-            return None, {}, None, None, f"**Could not read the upload:** {error}", gr.Slider(), gr.Slider()
+            return (None, *prediction_outputs(None), None, None, f"**Could not read the upload:** {error}",
+                    gr.Slider(), gr.Slider())
         return analysed(picture, model_key, stage, block, x, y)
 
     def analyse_example(name, model_key, stage, block, x, y):
         if name not in examples:
-            return None, {}, None, None, "Pick one of the listed examples.", gr.Slider(), gr.Slider()
+            return None, *prediction_outputs(None), None, None, "Pick one of the listed examples.", gr.Slider(), gr.Slider()
         return analysed(examples[name](), model_key, stage, block, x, y)
 
     def clicked(analysis, stage, block, evt: gr.SelectData):
@@ -163,34 +188,34 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> g
 
     def load_model(choice, checkpoint_path, current_key, analysis, stage, block, x, y):
         try:
-            if choice == EMBEDDED_MODEL:
-                if checkpoint_path:
-                    raise ServingError("the embedded model takes no checkpoint: choose a model variant for yours")
-                key = shelf.default.key
-            else:
-                key = shelf.add(load_served_model(choice, checkpoint_path, label="the uploaded checkpoint"))
+            served = load_served_model(choice, checkpoint_path, label="the uploaded checkpoint")
+            key = shelf.default.key if served.key == shelf.default.key else shelf.add(served)
         except ServingError as error:
             gr.Warning(str(error))
             return (current_key, f"**Could not load the model:** {error}", analysis, gr.Label(), gr.Image(),
-                    gr.Image(), gr.Markdown(), gr.Slider(), gr.Slider())
+                    gr.Image(), gr.Image(), gr.Markdown(), gr.Slider(), gr.Slider())
         picture = analysis.picture if analysis is not None else None
         outputs = analysed(picture, key, stage, block, x, y) if picture is not None else (
-            None, {}, None, None, "Model loaded: upload an image or pick an example.", gr.Slider(), gr.Slider())
+            None, *prediction_outputs(None), None, None, "Model loaded: upload an image or pick an example.",
+            gr.Slider(), gr.Slider())
         return (key, describe_model(shelf.get(key)), *outputs)
 
     # analytics off: the demo runs offline and reports nothing to Gradio's servers
     with gr.Blocks(title="bilevel: bi-level routing attention", analytics_enabled=False) as demo:
         gr.Markdown("# Bi-level routing attention, live\nUpload an image or pick an example: the model's top-5 "
-                    "classes, and for the region you click, the regions its attention was routed to.")
+                    "classes (a segmentation model: its predicted mask), and for the region you click, the regions "
+                    "its attention was routed to. Other models: the *Model* panel.")
         model_key = gr.State(default.key)
         analysis = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Upload an image", file_types=["image"], type="filepath")
                 example = gr.Dropdown(list(examples), value=None, label="or pick an example")
-                predictions = gr.Label(num_top_classes=5, label="Top-5 predictions")
-                with gr.Accordion("Model", open=False):
-                    choice = gr.Dropdown(model_choices, value=EMBEDDED_MODEL, label="Model")
+                predictions = gr.Label(num_top_classes=5, label="Top-5 predictions (segmentation: share of the pixels)")
+                mask_view = gr.Image(label="Predicted mask", type="numpy", interactive=False, format="png",
+                                     visible=False, elem_id="mask")
+                with gr.Accordion("Model", open=False, elem_id="model-panel"):
+                    choice = gr.Dropdown(model_choices, value=default_choice, label="Model", elem_id="model-choice")
                     checkpoint = gr.File(label="Checkpoint (official .pth or bilevel fit .ckpt)",
                                          file_types=[".pth", ".pt", ".ckpt", ".bin"], type="filepath")
                     load = gr.Button("Load model")
@@ -214,7 +239,7 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None) -> g
                     point_x = gr.Number(0.5, label="Query point x (fraction of the width)", minimum=0, maximum=1)
                     point_y = gr.Number(0.5, label="Query point y (fraction of the height)", minimum=0, maximum=1)
 
-        analysis_outputs = [analysis, predictions, routes, heat, status, stage, block]
+        analysis_outputs = [analysis, predictions, mask_view, routes, heat, status, stage, block]
         view = [analysis, stage, block, point_x, point_y]
         upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y], analysis_outputs,
                       api_name="analyse_upload")
@@ -236,7 +261,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--model", default=None, help="registered variant (default: the embedded demo model)")
+    parser.add_argument("--model", default=None,
+                        help="registered variant or embedded model name (default: the embedded demo classifier)")
     parser.add_argument("--checkpoint", default=None, help="official .pth or bilevel fit .ckpt for --model")
     parser.add_argument("--concurrency", type=int, default=2, help="requests computed at once (default 2)")
     return parser.parse_args(args)
@@ -248,7 +274,7 @@ def main(args: Optional[list[str]] = None) -> None:
         default = load_served_model(options.model, options.checkpoint)
     except ServingError as error:
         raise SystemExit(f"app.py: {error}") from None
-    demo = build_demo(default)
+    demo = build_demo(default, default_choice=options.model or EMBEDDED_MODEL)
     demo.queue(default_concurrency_limit=options.concurrency, max_size=64)
     demo.launch(server_name=options.host, server_port=options.port, max_file_size=MAX_FILE_SIZE, show_error=True)
 

@@ -2,7 +2,8 @@
 
     served = load_served_model()                                  # the embedded demo model
     served = load_served_model("biformer_tiny", "biformer_tiny.pth")  # official or ``bilevel fit`` checkpoint
-    analysis = Predictor().analyse(served, picture)               # top-5 + every routing record
+    served = load_served_model(checkpoint="segmenter.ckpt")        # a ``bilevel fit`` segmentation checkpoint
+    analysis = Predictor().analyse(served, picture)               # top-5 (or mask) + every routing record
 
 A :class:`Predictor` keeps the last analyses (keyed by model and image content), so redrawing the
 routing for another query region, stage or block never runs the network again. Every failure a user
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from .data.images import ImageReadError, image_to_tensor, read_image
 from .models.loading import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from .ops.recording import RoutingRecord, record_routing
 
-__all__ = ["EMBEDDED_CHECKPOINT", "EMBEDDED_MODEL", "MIN_IMAGE_SIDE", "WORKING_IMAGE_SIDE", "ServingError",
+__all__ = ["EMBEDDED_CHECKPOINT", "EMBEDDED_MODEL", "EMBEDDED_SEGMENTATION_MODEL", "EMBEDDED_MODELS", "MIN_IMAGE_SIDE", "WORKING_IMAGE_SIDE", "ServingError",
            "ServedModel", "Analysis", "Predictor", "load_served_model", "read_upload", "fit_picture", "picture_digest",
            "export_checkpoint"]
 
@@ -39,6 +41,11 @@ PathLike = Union[str, Path]
 EMBEDDED_CHECKPOINT = Path(__file__).parent / "assets" / "demo_classification.ckpt"
 #: how the interface names the embedded model
 EMBEDDED_MODEL = "embedded demo (BiFormer on the built-in shapes)"
+#: the embedded segmentation model (``lightning_configs/demo_segmentation.yaml``) and its name
+EMBEDDED_SEGMENTATION_CHECKPOINT = Path(__file__).parent / "assets" / "demo_segmentation.ckpt"
+EMBEDDED_SEGMENTATION_MODEL = "embedded demo segmentation (BiFormer + FPN on the built-in shapes)"
+#: interface name -> checkpoint of every embedded model
+EMBEDDED_MODELS = {EMBEDDED_MODEL: EMBEDDED_CHECKPOINT, EMBEDDED_SEGMENTATION_MODEL: EMBEDDED_SEGMENTATION_CHECKPOINT}
 #: images with a shorter side are refused: nothing to route on
 MIN_IMAGE_SIDE = 16
 #: uploads are shrunk to at most this many pixels on their longer side before anything else
@@ -51,10 +58,11 @@ class ServingError(ValueError):
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A classifier ready for inference.
+    """A classifier or a segmenter ready for inference.
 
-    key: identifies model + weights in caches; name: registered variant; model: in eval mode;
-    class_names: one per output; input_size: side S of the (S, S) input; mean/std: input normalisation.
+    key: identifies model + weights in caches; name: registered variant (the backbone of a segmenter);
+    model: in eval mode, images (N, 3, S, S) -> logits (N, K) or, for task "segmentation", (N, K, S, S);
+    class_names: one per output; input_size: side S of the input; mean/std: input normalisation.
     """
 
     key: str
@@ -64,6 +72,7 @@ class ServedModel:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    task: str = "classification"
 
 
 @dataclass
@@ -71,7 +80,8 @@ class Analysis:
     """One forward pass over one picture.
 
     picture: the working picture (RGB, longer side <= WORKING_IMAGE_SIDE) the routing is drawn on
-    probabilities: (num_classes,) softmax; records: the routing records, batch of one
+    probabilities: (num_classes,) softmax of a classifier, or a segmenter's share of the pixels per class
+    records: the routing records, batch of one; mask: a segmenter's (S, S) class index per input pixel
     """
 
     model_key: str
@@ -79,11 +89,13 @@ class Analysis:
     probabilities: Tensor
     class_names: tuple[str, ...]
     records: list[RoutingRecord] = field(default_factory=list)
+    mask: Optional[Tensor] = None
 
     def top(self, k: int = 5) -> dict[str, float]:
-        """The k most probable classes: {name: probability}, best first."""
+        """The k most probable classes (largest, for a mask): {name: probability or pixel share}, best first."""
         values, indices = self.probabilities.topk(min(k, self.probabilities.numel()))
-        return {self.class_names[i]: float(v) for v, i in zip(values.tolist(), indices.tolist())}
+        return {self.class_names[i]: float(v) for v, i in zip(values.tolist(), indices.tolist())
+                if self.mask is None or v > 0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,21 +171,42 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _build_segmenter(hyper: Mapping[str, Any], label: str) -> nn.Module:
+    """The ``SemanticSegmenter`` a ``bilevel fit`` segmentation checkpoint was written from (random weights).
+
+    Only the constructor's own arguments are taken from the checkpoint, and never a path: the backbone's
+    ``checkpoint_path`` is dropped, as the checkpoint holds the trained weights.
+    """
+    from .tasks.segmentation import SemanticSegmenter
+
+    accepted = set(inspect.signature(SemanticSegmenter).parameters) - {"checkpoint_path"}
+    try:
+        return SemanticSegmenter(**{key: value for key, value in hyper.items() if key in accepted})
+    except (TypeError, ValueError, KeyError) as error:
+        raise ServingError(f"cannot build the segmentation model stored in {label}: {error}") from None
+
+
 def load_served_model(name: Optional[str] = None, checkpoint: Optional[PathLike] = None,
                       label: Optional[str] = None) -> ServedModel:
-    """Build a registered classifier and load its weights for inference.
+    """Build a registered classifier, or the segmenter of a ``bilevel fit`` checkpoint, for inference.
 
-    name: a registered variant (``bilevel.list_models()``); None with no checkpoint: the embedded demo model;
-        None with a ``bilevel fit`` checkpoint: the variant the checkpoint was trained as.
-    checkpoint: an official ``.pth`` or a ``bilevel fit`` ``.ckpt`` (read weights-only); None with a name gives
-        random weights (ImageNet-sized head), useful only to look at the routing machinery.
+    name: a registered variant (``bilevel.list_models()``) or the name of an embedded model
+        (:data:`EMBEDDED_MODELS`); None with no checkpoint: the embedded demo classifier; None with a
+        ``bilevel fit`` checkpoint: the variant the checkpoint was trained as.
+    checkpoint: an official ``.pth`` or a ``bilevel fit`` ``.ckpt`` (read weights-only) of a classifier or
+        of a segmenter (backbone + decode head); None with a name gives random weights (ImageNet-sized
+        head), useful only to look at the routing machinery.
     label: how messages name the checkpoint (default: its file name).
     raises: ServingError for an unknown name, a file that is not a checkpoint or one that does not fit.
     """
     from . import list_models
 
     if name is None and checkpoint is None:
-        checkpoint = EMBEDDED_CHECKPOINT
+        name = EMBEDDED_MODEL
+    if name in EMBEDDED_MODELS:
+        if checkpoint is not None:
+            raise ServingError("an embedded model takes no checkpoint: choose a model variant for yours")
+        name, checkpoint = None, EMBEDDED_MODELS[name]
     label = label or (Path(checkpoint).name if checkpoint is not None else "")
     contents: Mapping[str, Any] = {}
     if checkpoint is not None:
@@ -191,24 +224,31 @@ def load_served_model(name: Optional[str] = None, checkpoint: Optional[PathLike]
         raise ServingError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     if trained_as is not None and trained_as != name:
         raise ServingError(f"{label} was trained as {trained_as}, not {name}: choose {trained_as}")
-    num_classes = int(state["head.weight"].shape[0]) if checkpoint is not None and "head.weight" in state else 1000
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **(hyper.get("model_kwargs") or {}))
-    except (TypeError, ValueError) as error:
-        raise ServingError(f"cannot build {name} with the settings stored in {label}: {error}") from None
+    segmenter = any(key.startswith("decode_head.") for key in state) if checkpoint is not None else False
+    if segmenter:
+        model = _build_segmenter({**hyper, "model_name": name}, label)
+        num_classes = int(model.hparams.num_classes)
+    else:
+        num_classes = int(state["head.weight"].shape[0]) if checkpoint is not None and "head.weight" in state else 1000
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                      **(hyper.get("model_kwargs") or {}))
+        except (TypeError, ValueError) as error:
+            raise ServingError(f"cannot build {name} with the settings stored in {label}: {error}") from None
     if checkpoint is not None:
         try:
             load_weights(model, state, source=label)
         except CheckpointError as error:
             raise ServingError(str(error)) from None
     model.eval()
-    cfg = dict(model.pretrained_cfg)
+    cfg = dict((model.backbone if segmenter else model).pretrained_cfg)
     data_hyper = contents.get("datamodule_hyper_parameters") or {}
     input_size = int(data_hyper.get("image_size") or cfg.get("input_size", (3, 224, 224))[-1])
     key = f"{name}:{_file_digest(Path(checkpoint)) if checkpoint is not None else 'random'}"
     return ServedModel(key=key, name=name, model=model, class_names=_class_names(num_classes, hyper.get("class_names")),
                        input_size=input_size, mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
-                       std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)))
+                       std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
+                       task="segmentation" if segmenter else "classification")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,8 +307,14 @@ class Predictor:
             logits = served.model(batch)
         with self._lock:
             self.forward_passes += 1
+        records = [_first_image(record) for record in trace]
+        if served.task == "segmentation":
+            mask = logits[0].argmax(dim=0)
+            shares = torch.bincount(mask.flatten(), minlength=logits.shape[1]).float() / mask.numel()
+            return Analysis(model_key=served.key, picture=picture, probabilities=shares,
+                            class_names=served.class_names, records=records, mask=mask)
         return Analysis(model_key=served.key, picture=picture, probabilities=torch.softmax(logits[0].float(), dim=-1),
-                        class_names=served.class_names, records=[_first_image(record) for record in trace])
+                        class_names=served.class_names, records=records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,13 +337,16 @@ def export_checkpoint(source: PathLike, target: PathLike, half: bool = True) -> 
     """Keep what serving needs of a ``bilevel fit`` checkpoint: the backbone weights and the hyper-parameters.
 
     Drops the optimizer state and stores floating-point weights in half precision (``half``), which
-    makes the file about a sixth of the training checkpoint. returns: the target path.
+    makes the file about a sixth of the training checkpoint. The weights keep the task's names (``model.``
+    for a classifier, ``backbone.`` and ``decode_head.`` for a segmenter). returns: the target path.
     """
     contents = read_checkpoint(source)
-    state = extract_state_dict(contents, source=str(source))
+    if not isinstance(contents.get("state_dict"), Mapping):
+        raise CheckpointError(f"{source} is not a bilevel fit checkpoint (it has no 'state_dict')")
+    state = {key: value for key, value in contents["state_dict"].items() if isinstance(value, Tensor)}
     if half:
         state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
-    exported = {"state_dict": {f"model.{key}": value for key, value in state.items()},
+    exported = {"state_dict": state,
                 "hyper_parameters": _plain(contents.get("hyper_parameters") or {}),
                 "datamodule_hyper_parameters": _plain(contents.get("datamodule_hyper_parameters") or {})}
     target = Path(target)

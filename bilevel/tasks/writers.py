@@ -10,15 +10,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
+from ..viz.masks import mask_palette
+
 __all__ = ["PredictionWriter", "mask_palette"]
-
-
-def mask_palette(num_colours: int = 256) -> list[int]:
-    """A fixed palette (flat RGB list) with distinct colours for class indices; 0 is black."""
-    rng = np.random.RandomState(0)
-    colours = rng.randint(40, 256, (num_colours, 3))
-    colours[0] = 0
-    return colours.astype(np.uint8).ravel().tolist()
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -15,6 +15,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync"]
 ROUTES_IMAGE = "#routes img"
 HEAT_IMAGE = "#heat img"
+MASK_IMAGE = "#mask img"
 CHANGED = "([selector, old]) => document.querySelector(selector)?.src !== old"
 
 
@@ -56,3 +57,38 @@ def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp
         assert before.shape == after.shape and not np.array_equal(before, after), image
     assert predictor.forward_passes == passes, "a click must not run the network again"
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_choosing_the_segmentation_model_shows_the_mask_with_a_legend(launched_app, shape_pictures, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+    from playwright.sync_api import sync_playwright
+
+    from bilevel.serving import EMBEDDED_SEGMENTATION_MODEL
+
+    url, _ = launched_app
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.goto(url)
+            page.wait_for_selector("#model-panel", timeout=60_000)
+            choice = page.locator("#model-choice input")
+            for _ in range(5):          # the panel opens once the page's scripts handle clicks
+                page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
+                try:
+                    choice.wait_for(state="visible", timeout=3000)
+                    break
+                except PlaywrightTimeoutError:
+                    continue
+            choice.click()
+            page.get_by_role("option", name=EMBEDDED_SEGMENTATION_MODEL).click()
+            page.get_by_role("button", name="Load model").click()
+            page.get_by_text("segmentation: 5 classes").wait_for(timeout=60_000)
+            page.locator("input[type=file]").first.set_input_files(str(shape_pictures["cross"]))
+            page.wait_for_selector(MASK_IMAGE, timeout=60_000)
+            page.wait_for_function("selector => document.querySelector(selector)?.complete", arg=MASK_IMAGE)
+            page.screenshot(path=str(tmp_path / "segmentation.png"), full_page=True)
+            mask = fetched_pixels(page, page.locator(MASK_IMAGE).get_attribute("src"))
+        finally:
+            browser.close()
+    assert mask.shape[1] == 448 and mask.shape[0] > 448, "the mask picture ends in a legend strip"

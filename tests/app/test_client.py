@@ -22,9 +22,10 @@ def pixels(path) -> np.ndarray:
 
 def test_upload_returns_predictions_and_overlays_and_a_redraw_reuses_the_pass(client, launched_app, shape_pictures):
     predictor = launched_app[1]
-    labels, routes, heat, message, _, _ = client.predict(handle_file(str(shape_pictures["square"])), 0, 0, 0.5, 0.5,
-                                                         api_name="/analyse_upload")
+    labels, mask, routes, heat, message, _, _ = client.predict(handle_file(str(shape_pictures["square"])), 0, 0,
+                                                               0.5, 0.5, api_name="/analyse_upload")
     assert labels["label"] == "square" and len(labels["confidences"]) == 4
+    assert mask["visible"] is False, "a classifier shows no mask"
     assert pixels(routes).shape == pixels(heat).shape and pixels(routes).shape[1] == 448
     assert "query region 36 of the 8x8 grid" in message
     passes = predictor.forward_passes
@@ -37,7 +38,7 @@ def test_upload_returns_predictions_and_overlays_and_a_redraw_reuses_the_pass(cl
 
 def test_examples_are_served_by_name(client):
     for shape in ("circle", "square", "triangle", "cross"):
-        labels, routes, _, _, _, _ = client.predict(f"shapes: {shape}", 0, 0, 0.5, 0.5, api_name="/analyse_example")
+        labels, _, routes, _, _, _, _ = client.predict(f"shapes: {shape}", 0, 0, 0.5, 0.5, api_name="/analyse_example")
         assert labels["label"] == shape and pixels(routes).size
     labels, *_ = client.predict("photo: astronaut", 0, 0, 0.5, 0.5, api_name="/analyse_example")
     assert len(labels["confidences"]) == 4
@@ -45,8 +46,8 @@ def test_examples_are_served_by_name(client):
 
 def test_bad_uploads_leave_a_message_and_the_app_serving(client, bad_uploads, shape_pictures):
     for kind, path in bad_uploads.items():
-        labels, routes, heat, message, _, _ = client.predict(handle_file(str(path)), 0, 0, 0.5, 0.5,
-                                                             api_name="/analyse_upload")
+        labels, _, routes, heat, message, _, _ = client.predict(handle_file(str(path)), 0, 0, 0.5, 0.5,
+                                                                api_name="/analyse_upload")
         assert message.startswith("**Could not read the upload:**"), kind
         assert routes is None and heat is None
     labels, *_ = client.predict(handle_file(str(shape_pictures["circle"])), 0, 0, 0.5, 0.5,
@@ -63,6 +64,22 @@ def test_unsuitable_checkpoint_gets_a_message(client, tmp_path):
     assert str(tmp_path) not in model_info
 
 
+def test_segmentation_model_shows_its_mask_with_a_legend_and_the_routing(client, shape_pictures):
+    from bilevel.serving import EMBEDDED_MODEL, EMBEDDED_SEGMENTATION_MODEL
+
+    client.predict(handle_file(str(shape_pictures["triangle"])), 0, 0, 0.5, 0.5, api_name="/analyse_upload")
+    model_info, labels, mask, routes, heat, message, _, _ = client.predict(
+        EMBEDDED_SEGMENTATION_MODEL, None, 0, 0, 0.5, 0.5, api_name="/load_model")
+    assert "segmentation: 5 classes" in model_info
+    assert labels["label"] == "background" and "triangle" in {entry["label"] for entry in labels["confidences"]}
+    assert mask["visible"] is True
+    overlay = pixels(mask["value"])
+    assert overlay.shape[1] == 448 and overlay.shape[0] > 448, "the legend strip lies below the 448 px picture"
+    assert pixels(routes).shape[:2] == (448, 448) and "query region" in message
+    model_info, labels, mask, *_ = client.predict(EMBEDDED_MODEL, None, 0, 0, 0.5, 0.5, api_name="/load_model")
+    assert labels["label"] == "triangle" and mask["visible"] is False
+
+
 def test_eight_simultaneous_requests_all_succeed(launched_app, tmp_path):
     url, predictor = launched_app
     uploads = []
@@ -77,7 +94,7 @@ def test_eight_simultaneous_requests_all_succeed(launched_app, tmp_path):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(one_user, uploads))
-    assert all(len(labels["confidences"]) == 4 and routes for labels, routes, *_ in results)
+    assert all(len(labels["confidences"]) == 4 and routes for labels, _, routes, *_ in results)
     assert predictor.forward_passes - before == 8
 
 

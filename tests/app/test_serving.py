@@ -9,9 +9,12 @@ import torch
 from PIL import Image
 
 import bilevel
-from bilevel.data.images import list_images, read_image
-from bilevel.serving import (EMBEDDED_CHECKPOINT, MIN_IMAGE_SIDE, WORKING_IMAGE_SIDE, Predictor, ServingError,
-                             fit_picture, load_served_model, read_upload)
+from bilevel.data.images import image_to_tensor, list_images, read_image, read_mask
+from bilevel.data.shapes import SHAPE_CLASSES
+from bilevel.serving import (EMBEDDED_CHECKPOINT, EMBEDDED_SEGMENTATION_CHECKPOINT, EMBEDDED_SEGMENTATION_MODEL,
+                             MIN_IMAGE_SIDE, WORKING_IMAGE_SIDE, Predictor, ServingError, fit_picture,
+                             load_served_model, read_upload)
+from bilevel.tasks import SemanticSegmenter
 from bilevel.viz.routing_view import routing_layers
 
 from .conftest import encoded, write_bytes
@@ -71,6 +74,62 @@ def test_embedded_model_classifies_the_builtin_validation_pictures(embedded, sha
             correct += next(iter(top)) == label
             total += 1
     assert total == 48 and correct / total >= 0.95
+
+
+def test_embedded_segmenter_segments_the_builtin_validation_pictures(shapes_root):
+    served = load_served_model(EMBEDDED_SEGMENTATION_MODEL)
+    assert served.task == "segmentation" and EMBEDDED_SEGMENTATION_CHECKPOINT.stat().st_size < 4e6
+    assert served.class_names == ("background", *SHAPE_CLASSES) and served.input_size == 64
+    predictor = Predictor(capacity=1)
+    val = shapes_root / "segmentation" / "val"
+    agreement = []
+    for path in list_images(val / "images"):
+        analysis = predictor.analyse(served, fit_picture(read_image(path)))
+        truth = read_mask(val / "masks" / path.name)
+        assert analysis.mask.shape == truth.shape
+        agreement.append(float((analysis.mask.numpy() == truth).mean()))
+        shares = np.bincount(analysis.mask.numpy().ravel(), minlength=5) / truth.size
+        assert np.allclose(analysis.probabilities.numpy(), shares)
+        assert set(analysis.top(5)) == {served.class_names[i] for i in np.flatnonzero(shares)}
+        assert {record.kind for record in analysis.records} == {"bra"}
+    assert len(agreement) == 48 and np.mean(agreement) > 0.95, agreement
+
+
+def small_segmenter(**overrides) -> SemanticSegmenter:
+    settings = dict(model_name="biformer_tiny", num_classes=3, class_names=["sky", "road", "car"],
+                    model_kwargs={"depth": [1, 1, 1, 1], "embed_dim": [32, 64, 128, 256], "qk_dims": [32, 64, 128, 256],
+                                  "n_win": 8},
+                    head_kwargs={"fpn_channels": 16, "head_channels": 16})
+    return SemanticSegmenter(**{**settings, **overrides}).eval()
+
+
+def test_segmentation_checkpoint_serves_its_module_and_reads_no_stored_path(tmp_path):
+    module = small_segmenter()
+    hyper = {**dict(module.hparams), "checkpoint_path": str(tmp_path / "server-secret.pth"), "_instantiator": "x"}
+    path = tmp_path / "segmenter.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hyper,
+                "datamodule_hyper_parameters": {"image_size": 64}}, path)
+    served = load_served_model(checkpoint=path)
+    assert (served.task, served.name, served.class_names, served.input_size) == (
+        "segmentation", "biformer_tiny", ("sky", "road", "car"), 64)
+    picture = Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8))
+    analysis = Predictor().analyse(served, picture)
+    with torch.no_grad():
+        expected = module(image_to_tensor(picture)[None]).argmax(1)[0]
+    assert torch.equal(analysis.mask, expected)
+
+
+def test_segmentation_checkpoint_of_another_shape_gets_a_message(tmp_path):
+    module = small_segmenter(head_kwargs={"fpn_channels": 32, "head_channels": 16})
+    hyper = {**dict(small_segmenter().hparams)}
+    path = tmp_path / "segmenter.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hyper}, path)
+    with pytest.raises(ServingError, match="the uploaded checkpoint") as caught:
+        load_served_model(checkpoint=path, label="the uploaded checkpoint")
+    assert str(tmp_path) not in str(caught.value)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {**hyper, "head": "mask-rcnn"}}, path)
+    with pytest.raises(ServingError, match="cannot build the segmentation model stored in segmenter.ckpt"):
+        load_served_model(checkpoint=path)
 
 
 def test_one_forward_pass_per_picture_and_model(embedded, shape_pictures):

@@ -1,4 +1,4 @@
-"""``bilevel fit / predict`` for segmentation, through the real command."""
+"""``bilevel fit / predict`` for segmentation, through the real command, and serving its checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from bilevel.data import builtin_shapes, load_image_tensor
+from bilevel.data.images import read_image
+from bilevel.serving import Predictor, export_checkpoint, fit_picture, load_served_model
 from bilevel.tasks import SemanticSegmenter
 
 from .conftest import CONFIGS, column, read_metrics, run_bilevel
@@ -39,3 +41,15 @@ def test_fit_learns_and_predicted_masks_match_the_checkpoint(tmp_path, bilevel_c
         with torch.no_grad():
             expected = model.infer(image[None]).argmax(1)[0].numpy()
         assert (mask == expected).mean() > 0.999
+
+    served = load_served_model(checkpoint=checkpoint)
+    assert served.task == "segmentation" and served.class_names == tuple(model.hparams.class_names)
+    exported = export_checkpoint(checkpoint, tmp_path / "served.ckpt", half=False)
+    assert exported.stat().st_size < checkpoint.stat().st_size
+    picture = read_image(images_dir / written[0].name)
+    with torch.no_grad():
+        expected = model(load_image_tensor(images_dir / written[0].name)[None]).argmax(1)[0]
+    for source in (checkpoint, exported):
+        analysis = Predictor().analyse(load_served_model(checkpoint=source), fit_picture(picture))
+        assert torch.equal(analysis.mask, expected), f"served mask of {source.name} differs from the module's"
+        assert analysis.records and abs(float(analysis.probabilities.sum()) - 1) < 1e-6
