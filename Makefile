@@ -25,8 +25,9 @@ $(CHROMIUM):
 test: $(INSTALLED) $(CHROMIUM)
 	$(PY) -m pytest -n 2 --durations=15
 
+# DEMO_ARGS: options of app.py, e.g. make demo DEMO_ARGS="--port 7861"
 demo: $(INSTALLED)
-	$(PY) app.py
+	$(PY) app.py $(DEMO_ARGS)
 
 notebooks: $(INSTALLED)
 	$(VENV)/bin/jupyter lab notebooks/
