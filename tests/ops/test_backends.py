@@ -116,6 +116,22 @@ def test_random_odd_cases_with_region_weights(backend, shape):
     _compare_with_reference(backend, shape, weighted=True)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "region_weights"])
+@pytest.mark.parametrize("shape", ODD_CASES.values(), ids=ODD_CASES.keys())
+def test_sdpa_inference_in_chunks_of_query_regions(shape, weighted, monkeypatch):
+    """Without autograd sdpa attends chunk by chunk: here 2 query regions per chunk, the last one shorter."""
+    from bilevel.ops.backends import sdpa
+
+    query, key, value, indices, weights = _random_inputs(*shape, weighted=weighted)
+    heads, scale, topk = shape[5], shape[6] ** -0.5, shape[8]
+    region_bytes = topk * key.shape[2] * (key.shape[-1] + value.shape[-1]) * key.element_size()
+    monkeypatch.setattr(sdpa, "CHUNK_BYTES", 2 * region_bytes)
+    with torch.no_grad():
+        expected = reference_routed_attention(query, key, value, indices, scale, heads, region_weights=weights)
+        out = routed_attention(query, key, value, indices, scale, heads, region_weights=weights, backend="sdpa")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", [*TRAINABLE, "auto"])
 def test_non_contiguous_inputs(backend):
     query, key, value, indices, _ = _random_inputs(*ODD_CASES["non_square_grid"])
