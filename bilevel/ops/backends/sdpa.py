@@ -47,11 +47,12 @@ def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
         return merge_heads(F.scaled_dot_product_attention(q, routed(key), routed(value), scale=scale))
 
     batch = n * num_queries
-    tracked = (query, key, value) if region_weights is None else (query, key, value, region_weights)
-    if (torch.compiler.is_compiling() or torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
-        return attend(0, batch).reshape(n, num_queries, query_tokens, -1)
     region_bytes = topk * key.shape[2] * (key.shape[-1] + value.shape[-1]) * key.element_size()
     step = max(1, CHUNK_BYTES // region_bytes)
+    tracked = (query, key, value) if region_weights is None else (query, key, value, region_weights)
+    if (step >= batch or torch.compiler.is_compiling()
+            or torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
+        return attend(0, batch).reshape(n, num_queries, query_tokens, -1)
     out = query.new_empty(batch, query_tokens, value.shape[-1])
     for first in range(0, batch, step):
         out[first:first + step] = attend(first, min(first + step, batch))

@@ -1,0 +1,180 @@
+"""Benchmark DeBiFormer's DBRA and CrossFormer's grouped attention: the project against the official numerics.
+
+Both operators are the modules of the real models (DeBiFormer-T's DBRA, one per stage; CrossFormer-S's
+SDA and LDA blocks, one of each per stage; the models' initial weights), run on NHWC maps of each
+stage's size at 224 px (batch 1 and 8; stages 1-3) and 512 px (batch 1; stages 1-2):
+
+- DBRA: the project's module (routed attention ``backend="auto"``, SDPA for the deformable attention)
+  against the official formulation (reference gather for the routed attention, explicit
+  softmax(q kᵀ + bias) v for the deformable attention);
+- CrossFormer block (LayerNorm, SDA or LDA grouped attention with the dynamic position bias, MLP):
+  ``scaled_dot_product_attention`` with the bias as an additive mask against the official explicit
+  softmax(q kᵀ + bias) v.
+
+Each pair is checked to give the same output before it is timed. Forward, forward+backward (fastest
+of the repeats after a warm-up) and peak memory of forward+backward (growth of the resident
+high-water mark, as in ``bench_bra.py``) are measured side by side in one run. Writes
+``family_ops_<tag>.md`` and ``.json`` under ``benchmarks/results/``.
+
+    python benchmarks/bench_family_ops.py            # a few minutes on 2 cores
+    python benchmarks/bench_family_ops.py --quick --out /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bra import RESULTS, best_seconds, peak_memory_mib  # noqa: E402
+
+import bilevel  # noqa: E402
+from bilevel.models.crossformer import CrossFormerBlock  # noqa: E402
+from bilevel.ops.dbra import DeBiLevelRoutingAttention  # noqa: E402
+
+#: (name, image size, batch); the map of stage s is image / 4 / 2**s
+SETTINGS = [("224px", 224, 1), ("224px", 224, 8), ("512px", 512, 1)]
+QUICK_SETTINGS = [("quick 112px", 112, 1)]
+
+
+def explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False):
+    """softmax(q kᵀ · scale + mask) v, as the official code writes it (the attention matrix is stored)."""
+    attention = (query * scale) @ key.transpose(-2, -1)
+    if attn_mask is not None:
+        attention = attention + attn_mask
+    return torch.softmax(attention, dim=-1) @ value
+
+
+@contextlib.contextmanager
+def official_numerics(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` the way the official code computes: explicit softmax attention, reference gather."""
+    previous = getattr(module, "backend", None)
+    if previous is not None:
+        module.backend = "reference"
+    try:
+        with mock.patch.object(F, "scaled_dot_product_attention", explicit_attention):
+            yield
+    finally:
+        if previous is not None:
+            module.backend = previous
+
+
+def stage_modules(name: str, kind: type, operator: str) -> list[tuple[int, str, nn.Module]]:
+    """(stage, label, module): the first module of type ``kind`` per stage and per ``extra_repr`` kind
+    (SDA/LDA) of the model ``name``, in eval mode (no dropout)."""
+    model = bilevel.create_model(name).eval()
+    found = {}
+    for qualified, module in model.named_modules():
+        if isinstance(module, kind) and qualified.split(".")[0] in ("stages", "layers"):
+            variant = module.extra_repr().split(",")[0] if isinstance(module, CrossFormerBlock) else ""
+            label = f"{operator} {variant}".strip()
+            found.setdefault((int(qualified.split(".")[1]), label), module)
+    return [(stage, label, module) for (stage, label), module in sorted(found.items())]
+
+
+def measure(module: nn.Module, x: torch.Tensor, repeats: int, budget_s: float) -> dict:
+    """Forward ms, forward+backward ms and peak MiB of forward+backward of ``module`` on ``x``."""
+    with torch.no_grad():
+        forward_s = best_seconds(lambda: module(x), repeats, budget_s)
+    leaf = x.detach().requires_grad_()
+
+    def train():
+        module(leaf).sum().backward()
+        leaf.grad = None
+        module.zero_grad(set_to_none=True)
+
+    train_s = best_seconds(train, repeats, budget_s)
+    return {"forward_ms": 1e3 * forward_s, "train_ms": 1e3 * train_s, "peak_mib": peak_memory_mib(train)}
+
+
+def compare(operator: str, stage: int, module: nn.Module, x: torch.Tensor, repeats: int, budget_s: float) -> dict:
+    """The project's module against itself under :func:`official_numerics`, outputs checked equal first."""
+    with torch.no_grad():
+        ours = module(x)
+        with official_numerics(module):
+            official = module(x)
+    torch.testing.assert_close(ours, official, atol=1e-4, rtol=1e-4)
+    project = measure(module, x, repeats, budget_s)
+    with official_numerics(module):
+        reference = measure(module, x, repeats, budget_s)
+    ratio = {key: reference[key] / project[key] if project[key] else None for key in project}
+    return {"operator": operator, "stage": stage + 1, "map": x.shape[1], "batch": x.shape[0],
+            "project": project, "official": reference, "forward_speedup": ratio["forward_ms"],
+            "train_speedup": ratio["train_ms"], "memory_reduction": ratio["peak_mib"]}
+
+
+def run(settings, repeats: int, budget_s: float) -> list[dict]:
+    modules = (stage_modules("debiformer_tiny", DeBiLevelRoutingAttention, "DeBiFormer-T DBRA")
+               + stage_modules("crossformer_small", CrossFormerBlock, "CrossFormer-S block"))
+    rows = []
+    for label, image, batch in settings:
+        for stage, operator, module in modules:
+            if stage >= (2 if image > 224 else 3):
+                continue
+            side = image // 4 // 2 ** stage
+            channels = module.dim if isinstance(module, DeBiLevelRoutingAttention) else module.norm1.normalized_shape[0]
+            x = torch.randn(batch, side, side, channels, generator=torch.Generator().manual_seed(stage))
+            rows.append({"setting": label, **compare(operator, stage, module, x, repeats, budget_s)})
+            print(f"done: {label} batch {batch} {operator} stage {stage + 1}", flush=True)
+    return rows
+
+
+def _cell(value: Optional[float], digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# DBRA and CrossFormer grouped attention benchmark ({meta['tag']})", "",
+             f"- command: `{meta['command']}`", f"- date: {meta['date']}",
+             f"- torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}",
+             "- official: the same module with reference gather routing and explicit softmax attention",
+             "- ×: official / project in the same run (time or peak memory of forward+backward)", "",
+             "| setting | batch | operator | stage (map) | fwd ms | official fwd ms | fwd × | fwd+bwd ms | "
+             "official fwd+bwd ms | fwd+bwd × | peak MiB | official peak MiB | mem × |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ours, official = row["project"], row["official"]
+        lines.append(" | ".join([
+            f"| {row['setting']}", str(row["batch"]), row["operator"], f"{row['stage']} ({row['map']}²)",
+            _cell(ours["forward_ms"], 2), _cell(official["forward_ms"], 2), _cell(row["forward_speedup"], 2),
+            _cell(ours["train_ms"], 2), _cell(official["train_ms"], 2), _cell(row["train_speedup"], 2),
+            _cell(ours["peak_mib"]), _cell(official["peak_mib"]), _cell(row["memory_reduction"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small setting, one repeat (smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for family_ops_<tag>.md/.json")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after a warm-up)")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement at most")
+    args = parser.parse_args(argv)
+    settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
+    torch.manual_seed(0)
+    meta = {"tag": tag, "command": shlex.join(["python", "benchmarks/bench_family_ops.py", *(argv or sys.argv[1:])]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {platform.processor() or platform.system()}"}
+    rows = run(settings, repeats, args.budget)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"family_ops_{tag}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    print(stem.with_suffix(".md").read_text())
+    return stem
+
+
+if __name__ == "__main__":
+    main()
