@@ -8,10 +8,11 @@ stage's size at 224 px (batch 1 and 8; stages 1-3) and 512 px (batch 1; stages 1
   against the official formulation (reference gather for the routed attention, explicit
   softmax(q kᵀ + bias) v for the deformable attention);
 - CrossFormer block (LayerNorm, SDA or LDA grouped attention with the dynamic position bias, MLP):
-  ``scaled_dot_product_attention`` with the bias as an additive mask against the official explicit
-  softmax(q kᵀ + bias) v.
+  the project's module (on CPU the explicit product, see ``bilevel.ops.lsda.biased_attention``), the
+  same with PyTorch's fused ``scaled_dot_product_attention`` forced ("fused SDPA"), and the official
+  explicit softmax(q kᵀ + bias) v.
 
-Each pair is checked to give the same output before it is timed. Forward, forward+backward (fastest
+Every method is checked to give the official output before it is timed. Forward, forward+backward (fastest
 of the repeats after a warm-up) and peak memory of forward+backward (growth of the resident
 high-water mark, as in ``bench_bra.py``) are measured side by side in one run. Writes
 ``family_ops_<tag>.md`` and ``.json`` under ``benchmarks/results/``.
@@ -41,6 +42,7 @@ from bench_bra import RESULTS, best_seconds, peak_memory_mib  # noqa: E402
 
 import bilevel  # noqa: E402
 from bilevel.models.crossformer import CrossFormerBlock  # noqa: E402
+from bilevel.ops import lsda  # noqa: E402
 from bilevel.ops.dbra import DeBiLevelRoutingAttention  # noqa: E402
 
 #: (name, image size, batch); the map of stage s is image / 4 / 2**s
@@ -57,6 +59,29 @@ def explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     return torch.softmax(attention, dim=-1) @ value
 
 
+def explicit_biased_attention(q, k, v, bias, scale, dropout_p=0.0):
+    """CrossFormer's grouped attention as the official code writes it."""
+    return explicit_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def fused_biased_attention(q, k, v, bias, scale, dropout_p=0.0):
+    """CrossFormer's grouped attention through the fused kernel, whatever the device."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout_p)
+
+
+@contextlib.contextmanager
+def project_numerics(module: nn.Module) -> Iterator[None]:
+    """The module as the project runs it."""
+    yield
+
+
+@contextlib.contextmanager
+def fused_sdpa(module: nn.Module) -> Iterator[None]:
+    """CrossFormer's grouped attention forced through ``scaled_dot_product_attention``."""
+    with mock.patch.object(lsda, "biased_attention", fused_biased_attention):
+        yield
+
+
 @contextlib.contextmanager
 def official_numerics(module: nn.Module) -> Iterator[None]:
     """Run ``module`` the way the official code computes: explicit softmax attention, reference gather."""
@@ -64,7 +89,8 @@ def official_numerics(module: nn.Module) -> Iterator[None]:
     if previous is not None:
         module.backend = "reference"
     try:
-        with mock.patch.object(F, "scaled_dot_product_attention", explicit_attention):
+        with mock.patch.object(F, "scaled_dot_product_attention", explicit_attention), \
+                mock.patch.object(lsda, "biased_attention", explicit_biased_attention):
             yield
     finally:
         if previous is not None:
@@ -99,20 +125,27 @@ def measure(module: nn.Module, x: torch.Tensor, repeats: int, budget_s: float) -
     return {"forward_ms": 1e3 * forward_s, "train_ms": 1e3 * train_s, "peak_mib": peak_memory_mib(train)}
 
 
-def compare(operator: str, stage: int, module: nn.Module, x: torch.Tensor, repeats: int, budget_s: float) -> dict:
-    """The project's module against itself under :func:`official_numerics`, outputs checked equal first."""
-    with torch.no_grad():
-        ours = module(x)
-        with official_numerics(module):
-            official = module(x)
-    torch.testing.assert_close(ours, official, atol=1e-4, rtol=1e-4)
-    project = measure(module, x, repeats, budget_s)
-    with official_numerics(module):
-        reference = measure(module, x, repeats, budget_s)
-    ratio = {key: reference[key] / project[key] if project[key] else None for key in project}
-    return {"operator": operator, "stage": stage + 1, "map": x.shape[1], "batch": x.shape[0],
-            "project": project, "official": reference, "forward_speedup": ratio["forward_ms"],
-            "train_speedup": ratio["train_ms"], "memory_reduction": ratio["peak_mib"]}
+def compare(operator: str, stage: int, module: nn.Module, x: torch.Tensor, repeats: int, budget_s: float
+            ) -> list[dict]:
+    """One row per method (official first), each checked against the official output, with ratios to it."""
+    methods = {"official": official_numerics, "project": project_numerics}
+    if isinstance(module, CrossFormerBlock):
+        methods["fused SDPA"] = fused_sdpa
+    with torch.no_grad(), official_numerics(module):
+        expected = module(x)
+    rows = []
+    for method, numerics in methods.items():
+        with numerics(module):
+            with torch.no_grad():
+                torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=1e-4)
+            rows.append({"operator": operator, "stage": stage + 1, "map": x.shape[1], "batch": x.shape[0],
+                         "method": method, **measure(module, x, repeats, budget_s)})
+    official = rows[0]
+    for row in rows:
+        for key, ratio in (("forward_ms", "forward_speedup"), ("train_ms", "train_speedup"),
+                           ("peak_mib", "memory_reduction")):
+            row[ratio] = official[key] / row[key] if row[key] else None
+    return rows
 
 
 def run(settings, repeats: int, budget_s: float) -> list[dict]:
@@ -126,7 +159,7 @@ def run(settings, repeats: int, budget_s: float) -> list[dict]:
             side = image // 4 // 2 ** stage
             channels = module.dim if isinstance(module, DeBiLevelRoutingAttention) else module.norm1.normalized_shape[0]
             x = torch.randn(batch, side, side, channels, generator=torch.Generator().manual_seed(stage))
-            rows.append({"setting": label, **compare(operator, stage, module, x, repeats, budget_s)})
+            rows.extend({"setting": label, **row} for row in compare(operator, stage, module, x, repeats, budget_s))
             print(f"done: {label} batch {batch} {operator} stage {stage + 1}", flush=True)
     return rows
 
@@ -140,17 +173,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"- command: `{meta['command']}`", f"- date: {meta['date']}",
              f"- torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}",
              "- official: the same module with reference gather routing and explicit softmax attention",
-             "- ×: official / project in the same run (time or peak memory of forward+backward)", "",
-             "| setting | batch | operator | stage (map) | fwd ms | official fwd ms | fwd × | fwd+bwd ms | "
-             "official fwd+bwd ms | fwd+bwd × | peak MiB | official peak MiB | mem × |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "- ×official: official / method in the same run (time, or peak memory of forward+backward)", "",
+             "| setting | batch | operator | stage (map) | method | fwd ms | fwd ×official | fwd+bwd ms | "
+             "fwd+bwd ×official | peak MiB | mem ×official |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        ours, official = row["project"], row["official"]
         lines.append(" | ".join([
             f"| {row['setting']}", str(row["batch"]), row["operator"], f"{row['stage']} ({row['map']}²)",
-            _cell(ours["forward_ms"], 2), _cell(official["forward_ms"], 2), _cell(row["forward_speedup"], 2),
-            _cell(ours["train_ms"], 2), _cell(official["train_ms"], 2), _cell(row["train_speedup"], 2),
-            _cell(ours["peak_mib"]), _cell(official["peak_mib"]), _cell(row["memory_reduction"])]) + " |")
+            row["method"], _cell(row["forward_ms"], 2), _cell(row["forward_speedup"], 2), _cell(row["train_ms"], 2),
+            _cell(row["train_speedup"], 2), _cell(row["peak_mib"]), _cell(row["memory_reduction"])]) + " |")
     return "\n".join(lines) + "\n"
 
 

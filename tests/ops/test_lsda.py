@@ -192,3 +192,20 @@ def test_attend_in_groups_crops_padding_and_records_the_grouping():
         again = attend_in_groups(grown, attention, plan_groups((12, 18), 3, 2, long_distance=True),
                      key_bias=padded_key_bias(layout))
     torch.testing.assert_close(again[:, :10, :13], out, rtol=1e-5, atol=1e-5)
+
+
+def test_biased_attention_matches_the_fused_kernel_values_and_gradients():
+    """The CPU path (explicit product) computes what scaled_dot_product_attention with the bias computes."""
+    import torch.nn.functional as F
+
+    from bilevel.ops.lsda import biased_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 4, 49, 8, generator=generator, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 1, 49, 49, generator=generator)
+    ours = biased_attention(q, k, v, bias, 0.35)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.35)
+    torch.testing.assert_close(ours, fused, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(ours.shape, generator=generator)
+    for expected, actual in zip(torch.autograd.grad(fused, (q, k, v), grad), torch.autograd.grad(ours, (q, k, v), grad)):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
