@@ -6,8 +6,8 @@ the stage's width and indices from real top-k routing of the region means, next 
 of the same width: dense SDPA over all tokens and window attention (SDPA inside windows of
 ``topk * tokens per region`` tokens, the same keys per query as routing). Measured side by side:
 
-- forward and forward+backward time: the fastest of the repeats after a warm-up (the machine is
-  shared; the fastest run is the least disturbed one);
+- forward and forward+backward time: the fastest of the repeats after a warm-up, the methods of a
+  setting timed round-robin (one run of each per round) so that load changes touch them alike;
 - peak memory of forward+backward: growth of the process's resident-set high-water mark
   (``VmHWM`` in /proc/self/status), reset through /proc/self/clear_refs after ``malloc_trim`` has
   returned freed heap to the system, so the figure is what the step itself needed (inputs excluded);
@@ -24,9 +24,11 @@ command, date, torch version and thread count. ``--quick`` runs one small settin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import json
+import math
 import platform
 import shlex
 import sys
@@ -44,6 +46,8 @@ from bilevel.ops.regions import region_partition
 from bilevel.ops.routing import region_affinity, topk_routing
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: a timed run lasts at least this long (sub-millisecond steps are called several times per run)
+MIN_RUN_S = 0.05
 #: dense SDPA over all tokens is skipped above this many tokens (minutes per run) ...
 DENSE_MAX_TOKENS = 16384
 #: ... and dense_mask and flex (eager on CPU: both hold the full token-by-token matrix) above this many
@@ -161,26 +165,68 @@ def window_step(q, k, v, setting: Setting) -> Callable[[], torch.Tensor]:
     return lambda: F.scaled_dot_product_attention(windows(q), windows(k), windows(v))
 
 
-def measure(setting: Setting, method: str, make_step, q, k, v, flops: int, repeats: int, budget_s: float,
-            trainable: bool = True, note: str = "") -> Row:
-    """Time forward, forward+backward and peak memory of one method."""
-    inputs = (q, k, v)
-    with torch.no_grad():
-        forward_s = best_seconds(make_step(*inputs), repeats, budget_s)
-    train_s = peak = None
-    if trainable:
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        step = make_step(*leaves)
+@dataclass
+class Method:
+    """One measured method of a setting: ``make_step(q, k, v)`` returns the step to time."""
 
-        def train():
-            step().sum().backward()
-            for leaf in leaves:
-                leaf.grad = None
+    name: str
+    make_step: Callable
+    flops: int
+    trainable: bool = True
+    note: str = ""
 
-        train_s = best_seconds(train, repeats, budget_s)
-        peak = peak_memory_mib(train)
-    return Row(setting.name, setting.batch, method, 1e3 * forward_s, None if train_s is None else 1e3 * train_s,
-               peak, 2 * flops / forward_s / 1e9, None if train_s is None else 6 * flops / train_s / 1e9, note)
+
+def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeats: int, budget_s: float
+                        ) -> list[Row]:
+    """Forward and forward+backward times of every method, round-robin, then each method's peak memory.
+
+    After one warm-up run of every step, each round times every method once (forward, then forward+
+    backward), so a change of machine load touches all methods of the setting alike; a method stops
+    being timed once its timed runs took ``budget_s``. A run of a step shorter than ``MIN_RUN_S`` calls
+    it several times (the time per call is kept). The fastest run counts.
+    """
+    steps = []
+    for method in methods:
+        forward = method.make_step(q, k, v)
+        train = None
+        if method.trainable:
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            step = method.make_step(*leaves)
+
+            def train(step=step, leaves=leaves):
+                step().sum().backward()
+                for leaf in leaves:
+                    leaf.grad = None
+        steps.append((forward, train))
+    times = [{"forward": [], "train": []} for _ in methods]
+    calls = [{"forward": 1, "train": 1} for _ in methods]
+    spent = [0.0] * len(methods)
+    for round_index in range(repeats + 1):
+        for index, (forward, train) in enumerate(steps):
+            if round_index > 1 and spent[index] > budget_s:
+                continue
+            for kind, step in (("forward", forward), ("train", train)):
+                if step is None:
+                    continue
+                with torch.no_grad() if kind == "forward" else contextlib.nullcontext():
+                    tick = time.perf_counter()
+                    for _ in range(calls[index][kind]):
+                        step()
+                    elapsed = time.perf_counter() - tick
+                if round_index:                      # round 0 is the warm-up
+                    times[index][kind].append(elapsed / calls[index][kind])
+                    spent[index] += elapsed
+                else:                                # short steps: enough calls per run to last MIN_RUN_S
+                    calls[index][kind] = max(1, math.ceil(MIN_RUN_S / max(elapsed, 1e-6)))
+    rows = []
+    for method, (_, train), measured in zip(methods, steps, times):
+        forward_s = min(measured["forward"])
+        train_s = min(measured["train"]) if measured["train"] else None
+        peak = peak_memory_mib(train) if train is not None else None
+        rows.append(Row(setting.name, setting.batch, method.name, 1e3 * forward_s,
+                        None if train_s is None else 1e3 * train_s, peak, 2 * method.flops / forward_s / 1e9,
+                        None if train_s is None else 6 * method.flops / train_s / 1e9, method.note))
+    return rows
 
 
 def run_setting(setting: Setting, repeats: int, budget_s: float) -> list[Row]:
@@ -188,26 +234,24 @@ def run_setting(setting: Setting, repeats: int, budget_s: float) -> list[Row]:
     n, regions, tokens, channels = q.shape
     tokens_total = regions * tokens
     flops = routed_attention_flops(n, regions, tokens, setting.topk, tokens, channels, channels)
-    rows = []
+    methods = []
     for backend in ATTENTION_BACKENDS:
         if backend in ("dense_mask", "flex") and tokens_total > MASK_MAX_TOKENS:
             continue
-        rows.append(measure(setting, backend, lambda q_, k_, v_, b=backend: routed_step(b, q_, k_, v_, indices,
-                                                                                       setting),
-                            q, k, v, flops, repeats, budget_s, trainable=backend != "flex",
-                            note="CPU: eager, forward only" if backend == "flex" else ""))
+        methods.append(Method(backend, lambda q_, k_, v_, b=backend: routed_step(b, q_, k_, v_, indices, setting),
+                              flops, trainable=backend != "flex",
+                              note="CPU: eager, forward only" if backend == "flex" else ""))
     auto_choice = select_backend(q.detach().requires_grad_(), k.detach().requires_grad_(), indices)
-    rows.append(measure(setting, "auto", lambda q_, k_, v_: routed_step("auto", q_, k_, v_, indices, setting),
-                        q, k, v, flops, repeats, budget_s, note=f"training picks {auto_choice}"))
+    methods.append(Method("auto", lambda q_, k_, v_: routed_step("auto", q_, k_, v_, indices, setting), flops,
+                          note=f"training picks {auto_choice}"))
     if tokens_total <= DENSE_MAX_TOKENS:
-        dense_flops = global_attention_flops(n, tokens_total, channels)
-        rows.append(measure(setting, "dense SDPA", lambda q_, k_, v_: dense_step(q_, k_, v_, setting),
-                            q, k, v, dense_flops, repeats, budget_s, note="all tokens, not routed"))
+        methods.append(Method("dense SDPA", lambda q_, k_, v_: dense_step(q_, k_, v_, setting),
+                              global_attention_flops(n, tokens_total, channels), note="all tokens, not routed"))
     width = window_width(setting, tokens)
-    window_flops = (n * tokens_total // width) * width * width * 2 * channels
-    rows.append(measure(setting, "window SDPA", lambda q_, k_, v_: window_step(q_, k_, v_, setting),
-                        q, k, v, window_flops, repeats, budget_s, note=f"windows of {width} tokens"))
-    return rows
+    methods.append(Method("window SDPA", lambda q_, k_, v_: window_step(q_, k_, v_, setting),
+                          (n * tokens_total // width) * width * width * 2 * channels,
+                          note=f"windows of {width} tokens"))
+    return measure_round_robin(setting, methods, q, k, v, repeats, budget_s)
 
 
 def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
@@ -286,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small setting, one repeat (smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bra_<tag>.md/.json/.png")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after a warm-up)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (after a warm-up round)")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement at most")
     args = parser.parse_args(argv)
     settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
