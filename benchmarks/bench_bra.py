@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import datetime
 import json
 import math
-import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,12 +36,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, best_seconds, peak_memory_mib, run_metadata  # noqa: E402
+
 from bilevel.flops import global_attention_flops, routed_attention_flops
 from bilevel.ops.attention import ATTENTION_BACKENDS, routed_attention, select_backend
 from bilevel.ops.regions import region_partition
 from bilevel.ops.routing import region_affinity, topk_routing
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: a timed run lasts at least this long (sub-millisecond steps are called several times per run)
 MIN_RUN_S = 0.05
 #: dense SDPA over all tokens is skipped above this many tokens (minutes per run) ...
@@ -88,39 +86,6 @@ class Row:
     gflops_forward: Optional[float]
     gflops_train: Optional[float]
     note: str = ""
-
-
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def peak_memory_mib(step: Callable[[], None]) -> Optional[float]:
-    """Growth of the resident high-water mark while ``step`` runs (Linux; None elsewhere)."""
-    if _LIBC is None:
-        return None
-    _LIBC.malloc_trim(0)
-    baseline = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")      # reset VmHWM to the current RSS
-    step()
-    return max(0, _status_kib("VmHWM") - baseline) / 1024
-
-
-def best_seconds(step: Callable[[], None], repeats: int, budget_s: float) -> float:
-    """Fastest time of ``step`` after one warm-up run, over at most ``repeats`` runs or ``budget_s`` seconds."""
-    step()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
-        tick = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tick)
-    return min(times)
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -176,6 +141,18 @@ class Method:
     note: str = ""
 
 
+def training_step(make_step: Callable, q, k, v) -> Callable[[], None]:
+    """Forward + backward of ``make_step`` on leaf copies of q, k, v (their gradients dropped after each run)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    step = make_step(*leaves)
+
+    def train() -> None:
+        step().sum().backward()
+        for leaf in leaves:
+            leaf.grad = None
+    return train
+
+
 def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeats: int, budget_s: float
                         ) -> list[Row]:
     """Forward and forward+backward times of every method, round-robin, then each method's peak memory.
@@ -185,19 +162,8 @@ def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeat
     being timed once its timed runs took ``budget_s``. A run of a step shorter than ``MIN_RUN_S`` calls
     it several times (the time per call is kept). The fastest run counts.
     """
-    steps = []
-    for method in methods:
-        forward = method.make_step(q, k, v)
-        train = None
-        if method.trainable:
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            step = method.make_step(*leaves)
-
-            def train(step=step, leaves=leaves):
-                step().sum().backward()
-                for leaf in leaves:
-                    leaf.grad = None
-        steps.append((forward, train))
+    steps = [(method.make_step(q, k, v), training_step(method.make_step, q, k, v) if method.trainable else None)
+             for method in methods]
     times = [{"forward": [], "train": []} for _ in methods]
     calls = [{"forward": 1, "train": 1} for _ in methods]
     spent = [0.0] * len(methods)
@@ -335,10 +301,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     args = parser.parse_args(argv)
     settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
     torch.manual_seed(0)
-    meta = {"tag": tag, "command": shlex.join(["python", "benchmarks/bench_bra.py", *(argv or sys.argv[1:])]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
+    meta = {"tag": tag, **run_metadata("bench_bra.py", argv),
             "matmul_gflops": matmul_gflops(512 if args.quick else 2048, repeats=repeats)}
     rows = []
     for setting in settings:

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
-import shlex
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -38,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bra import RESULTS, best_seconds, peak_memory_mib  # noqa: E402
+from _common import RESULTS, best_seconds, peak_memory_mib, run_metadata  # noqa: E402
 
 import bilevel  # noqa: E402
 from bilevel.models.crossformer import CrossFormerBlock  # noqa: E402
@@ -194,10 +191,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     args = parser.parse_args(argv)
     settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
     torch.manual_seed(0)
-    meta = {"tag": tag, "command": shlex.join(["python", "benchmarks/bench_family_ops.py", *(argv or sys.argv[1:])]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()} {platform.processor() or platform.system()}"}
+    meta = {"tag": tag, **run_metadata("bench_family_ops.py", argv)}
     rows = run(settings, repeats, args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"family_ops_{tag}"

@@ -18,11 +18,8 @@ affects all rows alike; the fastest repeat counts. Writes ``models_<tag>.md`` an
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,7 +31,9 @@ import torch.nn.functional as F
 
 import bilevel
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, run_metadata  # noqa: E402
+
 BASELINES = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 
 
@@ -135,11 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def write(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> None:
     tag = "quick" if args.quick else "cpu"
-    command = "python benchmarks/bench_models.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command.strip(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.system()}", "image_size": args.image_size,
-        "batch_size": args.batch_size, "repeats": args.repeats}
+    meta = {**run_metadata("bench_models.py", argv), "image_size": args.image_size, "batch_size": args.batch_size,
+            "repeats": args.repeats}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"models_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Model throughput ({tag})", "",

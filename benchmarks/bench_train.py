@@ -16,12 +16,9 @@ and Lightning versions, device and thread count.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -37,7 +34,9 @@ from bilevel.data import ShapesClassificationDataModule, ShapesSegmentationDataM
 from bilevel.models import MODEL_NAMES
 from bilevel.tasks import ImageClassifier, SemanticSegmenter
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, run_metadata  # noqa: E402
+
 FAMILIES = ("biformer", "debiformer", "crossformer")
 
 
@@ -102,11 +101,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         rows = [measure(task, name, args, Path(cache)) for task in args.tasks for name in models]
     tag = "quick" if args.quick else ("gpu" if torch.cuda.is_available() else "cpu")
-    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    meta = {"command": "python " + shlex.join(["benchmarks/bench_train.py", *sys.argv[1:]]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "lightning": lightning.__version__, "threads": torch.get_num_threads(),
-            "machine": machine, "load_average_1min": round(os.getloadavg()[0], 2),
+    meta = {**run_metadata("bench_train.py", None), "lightning": lightning.__version__,
+            "load_average_1min": round(os.getloadavg()[0], 2),
             "not_measured": [f"{f}_tiny" for f in FAMILIES if f"{f}_tiny" not in MODEL_NAMES]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"train_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -4,8 +4,10 @@ Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``): the test fails, n
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -17,6 +19,7 @@ ROUTES_IMAGE = "#routes img"
 HEAT_IMAGE = "#heat img"
 MASK_IMAGE = "#mask img"
 CHANGED = "([selector, old]) => document.querySelector(selector)?.src !== old"
+LOADED = "selector => document.querySelector(selector)?.complete"
 
 
 def fetched_pixels(page, url: str) -> np.ndarray:
@@ -25,34 +28,41 @@ def fetched_pixels(page, url: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
 
 
-def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp_path):
+@contextlib.contextmanager
+def opened_app(url: str, height: int) -> Iterator:
+    """A page of the app at ``url`` in Debian's headless Chromium (1400 px wide), closed afterwards."""
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
-    url, predictor = launched_app
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": height})
             page.goto(url)
-            page.locator("input[type=file]").first.set_input_files(str(shape_pictures["triangle"]))
-            page.wait_for_selector(ROUTES_IMAGE, timeout=60_000)
-            page.get_by_text("triangle", exact=True).first.wait_for(timeout=60_000)
-            page.wait_for_selector(HEAT_IMAGE, timeout=60_000)
-            before_src = {image: page.locator(image).get_attribute("src") for image in (ROUTES_IMAGE, HEAT_IMAGE)}
-            passes = predictor.forward_passes
-            box = page.locator(ROUTES_IMAGE).bounding_box()
-            page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.85)
-            for image, old in before_src.items():
-                page.wait_for_function(CHANGED, arg=[image, old], timeout=60_000)
-            after_src = {image: page.locator(image).get_attribute("src") for image in (ROUTES_IMAGE, HEAT_IMAGE)}
-            for image in after_src:
-                page.wait_for_function("selector => document.querySelector(selector)?.complete", arg=image)
-            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-            changed = {image: (fetched_pixels(page, before_src[image]), fetched_pixels(page, after_src[image]))
-                       for image in before_src}
+            yield page
         finally:
             browser.close()
+
+
+def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp_path):
+    url, predictor = launched_app
+    with opened_app(url, height=1000) as page:
+        page.locator("input[type=file]").first.set_input_files(str(shape_pictures["triangle"]))
+        page.wait_for_selector(ROUTES_IMAGE, timeout=60_000)
+        page.get_by_text("triangle", exact=True).first.wait_for(timeout=60_000)
+        page.wait_for_selector(HEAT_IMAGE, timeout=60_000)
+        before_src = {image: page.locator(image).get_attribute("src") for image in (ROUTES_IMAGE, HEAT_IMAGE)}
+        passes = predictor.forward_passes
+        box = page.locator(ROUTES_IMAGE).bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.85)
+        for image, old in before_src.items():
+            page.wait_for_function(CHANGED, arg=[image, old], timeout=60_000)
+        after_src = {image: page.locator(image).get_attribute("src") for image in (ROUTES_IMAGE, HEAT_IMAGE)}
+        for image in after_src:
+            page.wait_for_function(LOADED, arg=image)
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        changed = {image: (fetched_pixels(page, before_src[image]), fetched_pixels(page, after_src[image]))
+                   for image in before_src}
     for image, (before, after) in changed.items():
         assert before.shape == after.shape and not np.array_equal(before, after), image
     assert predictor.forward_passes == passes, "a click must not run the network again"
@@ -61,34 +71,26 @@ def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp
 
 def test_choosing_the_segmentation_model_shows_the_mask_with_a_legend(launched_app, shape_pictures, tmp_path):
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-    from playwright.sync_api import sync_playwright
 
     from bilevel.serving import EMBEDDED_SEGMENTATION_MODEL
 
-    url, _ = launched_app
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
-            page.goto(url)
-            page.wait_for_selector("#model-panel", timeout=60_000)
-            choice = page.locator("#model-choice input")
-            for _ in range(5):          # the panel opens once the page's scripts handle clicks
-                page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
-                try:
-                    choice.wait_for(state="visible", timeout=3000)
-                    break
-                except PlaywrightTimeoutError:
-                    continue
-            choice.click()
-            page.get_by_role("option", name=EMBEDDED_SEGMENTATION_MODEL).click()
-            page.get_by_role("button", name="Load model").click()
-            page.get_by_text("segmentation: 5 classes").wait_for(timeout=60_000)
-            page.locator("input[type=file]").first.set_input_files(str(shape_pictures["cross"]))
-            page.wait_for_selector(MASK_IMAGE, timeout=60_000)
-            page.wait_for_function("selector => document.querySelector(selector)?.complete", arg=MASK_IMAGE)
-            page.screenshot(path=str(tmp_path / "segmentation.png"), full_page=True)
-            mask = fetched_pixels(page, page.locator(MASK_IMAGE).get_attribute("src"))
-        finally:
-            browser.close()
+    with opened_app(launched_app[0], height=1400) as page:
+        page.wait_for_selector("#model-panel", timeout=60_000)
+        choice = page.locator("#model-choice input")
+        for _ in range(5):          # the panel opens once the page's scripts handle clicks
+            page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
+            try:
+                choice.wait_for(state="visible", timeout=3000)
+                break
+            except PlaywrightTimeoutError:
+                continue
+        choice.click()
+        page.get_by_role("option", name=EMBEDDED_SEGMENTATION_MODEL).click()
+        page.get_by_role("button", name="Load model").click()
+        page.get_by_text("segmentation: 5 classes").wait_for(timeout=60_000)
+        page.locator("input[type=file]").first.set_input_files(str(shape_pictures["cross"]))
+        page.wait_for_selector(MASK_IMAGE, timeout=60_000)
+        page.wait_for_function(LOADED, arg=MASK_IMAGE)
+        page.screenshot(path=str(tmp_path / "segmentation.png"), full_page=True)
+        mask = fetched_pixels(page, page.locator(MASK_IMAGE).get_attribute("src"))
     assert mask.shape[1] == 448 and mask.shape[0] > 448, "the mask picture ends in a legend strip"
