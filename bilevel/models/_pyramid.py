@@ -38,6 +38,12 @@ class PyramidBackbone(nn.Module):
     grad_checkpointing = False
 
     @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names timm's optimisers keep out of weight decay beyond 1-D parameters: none, as in the official code
+        (whose ``pos_embed``/``cls_token`` match no parameter of these models)."""
+        return set()
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage during backward instead of keeping its activations (less memory, more time)."""
         self.grad_checkpointing = enable

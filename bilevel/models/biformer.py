@@ -263,10 +263,6 @@ class _BiFormerBase(PyramidBackbone):
         return [self.downsample_layers, self.stages]
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's layer grouping (for layer-wise lr decay): stem, then stages/blocks."""
         return dict(stem=r"^downsample_layers\.0",
