@@ -56,6 +56,7 @@ class PyramidBackbone(nn.Module):
     def init_classifier(self, num_features: int, num_classes: int, drop_rate: float, global_pool: str,
                         feature_info: list[dict]) -> None:
         """Build the pooled linear head and timm's metadata, then initialise the weights."""
+        self._check_pooling(global_pool, num_classes)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = num_features
         self.global_pool = global_pool
@@ -74,7 +75,21 @@ class PyramidBackbone(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def _check_pooling(self, global_pool: str, num_classes: int) -> None:
+        """Accept "avg", or "" (no pooling) where a classifier can still act on the unpooled features.
+
+        As in timm: NCHW features (channels on dim 1) take no linear classifier unpooled, so "" needs
+        num_classes=0 there; NHWC features (``pool_dims`` (1, 2)) give per-position logits, like timm's Swin.
+        """
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"{type(self).__name__}: global_pool={global_pool!r} is not supported; "
+                             "use 'avg' or '' (no pooling)")
+        if global_pool == "" and num_classes > 0 and self.pool_dims == (2, 3):
+            raise ValueError(f"{type(self).__name__}: global_pool='' (no pooling) needs num_classes=0, as its "
+                             f"features are NCHW maps; got num_classes={num_classes}")
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self._check_pooling(self.global_pool if global_pool is None else global_pool, num_classes)
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool

@@ -121,6 +121,19 @@ def test_reset_classifier():
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4)
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 256)
+    model.reset_classifier(0, global_pool="")
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 256, 2, 2)
+
+
+@pytest.mark.parametrize("name", ["biformer_tiny", "debiformer_tiny"])
+def test_unpooled_nchw_features_take_no_classifier_as_in_timm(name):
+    with pytest.raises(ValueError, match="global_pool='' \\(no pooling\\) needs num_classes=0"):
+        timm.create_model(name, global_pool="")
+    with pytest.raises(ValueError, match="global_pool='max' is not supported"):
+        timm.create_model(name, global_pool="max", num_classes=0)
+    model = timm.create_model(name, num_classes=0, global_pool="")
+    with pytest.raises(ValueError, match="needs num_classes=0"):
+        model.reset_classifier(10)
 
 
 def test_torch_compile_captures_the_whole_model_and_matches_eager():

@@ -194,6 +194,8 @@ def test_head_and_classifier():
         assert model.forward_head(features, pre_logits=True).shape == (2, 256)
         model.reset_classifier(3)
         assert model(x).shape == (2, 3)
+        model.reset_classifier(3, global_pool="")        # NHWC features: per-position logits, like timm's Swin
+        assert model(x).shape == (2, 2, 2, 3)
 
 
 def test_bad_inputs_are_refused():
