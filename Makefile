@@ -34,6 +34,7 @@ notebooks: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/bench_bra.py
+	$(PY) benchmarks/bench_family_ops.py
 	$(PY) benchmarks/bench_models.py
 
 clean:
