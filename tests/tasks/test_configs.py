@@ -59,3 +59,22 @@ def test_config_instantiates_with_classes_from_the_data(config, tmp_path, monkey
     assert cli.model.hparams.num_classes == len(expected) and cli.model.class_names == expected
     assert cli.datamodule.hparams.model_name == model_name
     assert cli.datamodule.data_config.image_size == (512 if segmentation else 224)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_demo_config_builds_the_architecture_of_the_committed_demo_model(task, tmp_path, monkeypatch, bilevel_cache):
+    """lightning_configs/demo_<task>.yaml is what bilevel/assets/demo_<task>.ckpt was trained from."""
+    from bilevel.models.loading import read_checkpoint
+    from bilevel.serving import EMBEDDED_CHECKPOINT, EMBEDDED_SEGMENTATION_CHECKPOINT
+
+    asset = {"classification": EMBEDDED_CHECKPOINT, "segmentation": EMBEDDED_SEGMENTATION_CHECKPOINT}[task]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BILEVEL_CACHE", str(bilevel_cache))
+    monkeypatch.setattr(sys, "argv", ["bilevel"])
+    cli = BilevelCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     run=False, args=["--config", str(CONFIGS / f"demo_{task}.yaml")])
+    stored = read_checkpoint(asset)
+    shapes = {key: tuple(value.shape) for key, value in stored["state_dict"].items()}
+    assert shapes == {key: tuple(value.shape) for key, value in cli.model.state_dict().items()}
+    assert stored["hyper_parameters"]["class_names"] == list(cli.model.class_names)
+    assert stored["datamodule_hyper_parameters"]["image_size"] == cli.datamodule.hparams.image_size
