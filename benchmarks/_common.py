@@ -37,8 +37,25 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def peak_memory_mib(step: Callable[[], None]) -> Optional[float]:
-    """Growth of the resident high-water mark while ``step`` runs (Linux; None elsewhere)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(step: Callable[[], None], device: torch.device = torch.device("cpu")) -> Optional[float]:
+    """Memory ``step`` needs at its peak, inputs excluded, in MiB.
+
+    CPU: growth of the resident high-water mark (Linux; None elsewhere). CUDA: growth of the peak of
+    allocated memory over what was allocated before the step.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - baseline) / 2 ** 20
     if _LIBC is None:
         return None
     _LIBC.malloc_trim(0)

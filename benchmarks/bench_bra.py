@@ -8,17 +8,20 @@ of the same width: dense SDPA over all tokens and window attention (SDPA inside 
 
 - forward and forward+backward time: the fastest of the repeats after a warm-up, the methods of a
   setting timed round-robin (one run of each per round) so that load changes touch them alike;
-- peak memory of forward+backward: growth of the process's resident-set high-water mark
+- peak memory of forward+backward: on CPU, growth of the process's resident-set high-water mark
   (``VmHWM`` in /proc/self/status), reset through /proc/self/clear_refs after ``malloc_trim`` has
   returned freed heap to the system, so the figure is what the step itself needed (inputs excluded);
+  on CUDA, growth of the peak allocated memory;
 - achieved GFLOP/s of the analytic attention FLOPs (2 per multiply-add, :mod:`bilevel.flops`;
   backward counted as twice the forward), against the machine's fp32 matmul rate measured in the
   same run.
 
-Writes ``bra_<tag>.md``, ``bra_<tag>.json`` and ``bra_<tag>.png`` (tag ``cpu`` or ``quick``) with the
-command, date, torch version and thread count. ``--quick`` runs one small setting once (a smoke run).
+Writes ``bra_<tag>.md``, ``bra_<tag>.json`` and ``bra_<tag>.png`` (tag ``cpu``, ``gpu`` or ``quick``) with
+the command, date, torch version and thread count. ``--quick`` runs one small setting once (a smoke run).
+On CUDA every backend is trained, ``flex`` included (compiled FlexAttention with its block mask).
 
-    python benchmarks/bench_bra.py            # full run, a few minutes on 2 cores
+    python benchmarks/bench_bra.py                  # full run, a few minutes on 2 cores
+    python benchmarks/bench_bra.py --device cuda    # the same on a GPU: bra_gpu.*
     python benchmarks/bench_bra.py --quick --out /tmp/bench
 """
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, best_seconds, peak_memory_mib, run_metadata  # noqa: E402
+from _common import RESULTS, best_seconds, peak_memory_mib, run_metadata, synchronize  # noqa: E402
 
 from bilevel.flops import global_attention_flops, routed_attention_flops
 from bilevel.ops.attention import ATTENTION_BACKENDS, routed_attention, select_backend
@@ -88,16 +91,22 @@ class Row:
     note: str = ""
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size ** 3 / best_seconds(lambda: a @ b, repeats, 5.0) / 1e9
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """The device's fp32 matmul rate (TF32 stays off, as in the attention measured)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+
+    def product() -> None:
+        a @ b
+        synchronize(device)
+    return 2 * size ** 3 / best_seconds(product, repeats, 5.0) / 1e9
 
 
-def make_inputs(setting: Setting, generator: torch.Generator):
-    """Region-partitioned q, k, v (N, S², T, C) and top-k indices (N, S², topk) of a random map."""
+def make_inputs(setting: Setting, generator: torch.Generator, device: torch.device = torch.device("cpu")):
+    """Region-partitioned q, k, v (N, S², T, C) and top-k indices (N, S², topk) of a random map, on ``device``."""
     shape = (setting.batch, setting.size, setting.size, setting.dim)
     grid = (setting.n_win, setting.n_win)
-    q, k, v = (region_partition(torch.randn(shape, generator=generator), grid).contiguous() for _ in range(3))
+    q, k, v = (region_partition(torch.randn(shape, generator=generator).to(device), grid).contiguous()
+               for _ in range(3))
     indices = topk_routing(region_affinity(q.mean(dim=2), k.mean(dim=2)), setting.topk).indices
     return q, k, v, indices
 
@@ -157,11 +166,13 @@ def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeat
                         ) -> list[Row]:
     """Forward and forward+backward times of every method, round-robin, then each method's peak memory.
 
-    After one warm-up run of every step, each round times every method once (forward, then forward+
-    backward), so a change of machine load touches all methods of the setting alike; a method stops
-    being timed once its timed runs took ``budget_s``. A run of a step shorter than ``MIN_RUN_S`` calls
-    it several times (the time per call is kept). The fastest run counts.
+    After a warm-up run of every step (which also compiles what is compiled), each round times every
+    method once (forward, then forward+backward), so a change of machine load touches all methods of the
+    setting alike; a method stops being timed once its timed runs took ``budget_s``. A run of a step
+    shorter than ``MIN_RUN_S`` calls it several times (the time per call is kept). The fastest run counts.
+    On CUDA every run ends with a synchronisation.
     """
+    device = q.device
     steps = [(method.make_step(q, k, v), training_step(method.make_step, q, k, v) if method.trainable else None)
              for method in methods]
     times = [{"forward": [], "train": []} for _ in methods]
@@ -175,38 +186,43 @@ def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeat
                 if step is None:
                     continue
                 with torch.no_grad() if kind == "forward" else contextlib.nullcontext():
+                    if round_index == 0:
+                        step()
+                        synchronize(device)
                     tick = time.perf_counter()
                     for _ in range(calls[index][kind]):
                         step()
+                    synchronize(device)
                     elapsed = time.perf_counter() - tick
-                if round_index:                      # round 0 is the warm-up
+                if round_index:
                     times[index][kind].append(elapsed / calls[index][kind])
                     spent[index] += elapsed
-                else:                                # short steps: enough calls per run to last MIN_RUN_S
+                else:                                # round 0: warm-up, then enough calls to last MIN_RUN_S
                     calls[index][kind] = max(1, math.ceil(MIN_RUN_S / max(elapsed, 1e-6)))
     rows = []
     for method, (_, train), measured in zip(methods, steps, times):
         forward_s = min(measured["forward"])
         train_s = min(measured["train"]) if measured["train"] else None
-        peak = peak_memory_mib(train) if train is not None else None
+        peak = peak_memory_mib(train, device) if train is not None else None
         rows.append(Row(setting.name, setting.batch, method.name, 1e3 * forward_s,
                         None if train_s is None else 1e3 * train_s, peak, 2 * method.flops / forward_s / 1e9,
                         None if train_s is None else 6 * method.flops / train_s / 1e9, method.note))
     return rows
 
 
-def run_setting(setting: Setting, repeats: int, budget_s: float) -> list[Row]:
-    q, k, v, indices = make_inputs(setting, torch.Generator().manual_seed(0))
+def run_setting(setting: Setting, repeats: int, budget_s: float, device: torch.device) -> list[Row]:
+    q, k, v, indices = make_inputs(setting, torch.Generator().manual_seed(0), device)
+    on_cpu = device.type == "cpu"
     n, regions, tokens, channels = q.shape
     tokens_total = regions * tokens
     flops = routed_attention_flops(n, regions, tokens, setting.topk, tokens, channels, channels)
     methods = []
     for backend in ATTENTION_BACKENDS:
-        if backend in ("dense_mask", "flex") and tokens_total > MASK_MAX_TOKENS:
+        if tokens_total > MASK_MAX_TOKENS and (backend == "dense_mask" or backend == "flex" and on_cpu):
             continue
+        cpu_flex = backend == "flex" and on_cpu
         methods.append(Method(backend, lambda q_, k_, v_, b=backend: routed_step(b, q_, k_, v_, indices, setting),
-                              flops, trainable=backend != "flex",
-                              note="CPU: eager, forward only" if backend == "flex" else ""))
+                              flops, trainable=not cpu_flex, note="CPU: eager, forward only" if cpu_flex else ""))
     auto_choice = select_backend(q.detach().requires_grad_(), k.detach().requires_grad_(), indices)
     methods.append(Method("auto", lambda q_, k_, v_: routed_step("auto", q_, k_, v_, indices, setting), flops,
                           note=f"training picks {auto_choice}"))
@@ -247,8 +263,9 @@ def markdown(table: list[dict], meta: dict) -> str:
     lines = [f"# BRA attention core benchmark ({meta['tag']})", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}",
              f"- torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}",
-             f"- measured fp32 matmul rate: {meta['matmul_gflops']:.0f} GFLOP/s",
-             "- peak memory: growth of VmHWM over forward+backward (inputs excluded); ×: reference / method",
+             f"- device: {meta['device']}; measured fp32 matmul rate: {meta['matmul_gflops']:.0f} GFLOP/s",
+             "- peak memory: growth over forward+backward (inputs excluded; CPU: VmHWM, CUDA: peak allocated); "
+             "×: reference / method",
              "- speed-up: reference time / method time in the same run; GFLOP/s of analytic attention FLOPs",
              "", "| setting | batch | method | fwd ms | fwd ×ref | fwd+bwd ms | fwd+bwd ×ref | peak MiB | "
              "mem ×ref | GFLOP/s fwd | % matmul fwd | % matmul fwd+bwd | note |",
@@ -298,14 +315,19 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bra_<tag>.md/.json/.png")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (after a warm-up round)")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement at most")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: results bra_gpu.* on CUDA")
     args = parser.parse_args(argv)
-    settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
+    full_tag = "gpu" if device.type == "cuda" else "cpu"
+    settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, full_tag)
     torch.manual_seed(0)
-    meta = {"tag": tag, **run_metadata("bench_bra.py", argv),
-            "matmul_gflops": matmul_gflops(512 if args.quick else 2048, repeats=repeats)}
+    meta = {"tag": tag, **run_metadata("bench_bra.py", argv), "device": str(device),
+            "matmul_gflops": matmul_gflops(device, 512 if args.quick else 2048, repeats=repeats)}
     rows = []
     for setting in settings:
-        rows.extend(run_setting(setting, repeats, args.budget))
+        rows.extend(run_setting(setting, repeats, args.budget, device))
         print(f"done: {setting.name} batch {setting.batch}", flush=True)
     table = summarize(rows, meta["matmul_gflops"])
     args.out.mkdir(parents=True, exist_ok=True)
