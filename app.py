@@ -100,11 +100,14 @@ def mask_picture(analysis: Analysis) -> np.ndarray:
 
 def prediction_outputs(analysis: Optional[Analysis]):
     """(predictions label, mask image) for an analysis: the mask is shown for segmentation models only."""
-    if analysis is None:
-        return {}, gr.Image(value=None, visible=False)
-    if analysis.mask is None:
-        return analysis.top(5), gr.Image(value=None, visible=False)
+    if analysis is None or analysis.mask is None:
+        return ({} if analysis is None else analysis.top(5)), gr.Image(value=None, visible=False)
     return analysis.top(5), gr.Image(value=mask_picture(analysis), visible=True)
+
+
+def no_analysis(message: str) -> tuple:
+    """What the analysis outputs show when there is nothing analysed: empty views and ``message``."""
+    return None, *prediction_outputs(None), None, None, message, gr.Slider(), gr.Slider()
 
 
 def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_x: float, point_y: float):
@@ -155,8 +158,7 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             analysis = predictor.analyse(shelf.get(model_key), fit_picture(picture))
         except ServingError as error:
             gr.Warning(str(error))
-            return (None, *prediction_outputs(None), None, None, f"**Could not analyse the image:** {error}",
-                    gr.Slider(), gr.Slider())
+            return no_analysis(f"**Could not analyse the image:** {error}")
         layers = routing_layers(analysis.records)
         stages = sorted({s for s, _ in layers}) or [0]
         stage = int(stage) if int(stage) in stages else stages[0]
@@ -170,13 +172,12 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             picture = read_upload(path) if path else None
         except ServingError as error:
             gr.Warning(str(error))
-            return (None, *prediction_outputs(None), None, None, f"**Could not read the upload:** {error}",
-                    gr.Slider(), gr.Slider())
+            return no_analysis(f"**Could not read the upload:** {error}")
         return analysed(picture, model_key, stage, block, x, y)
 
     def analyse_example(name, model_key, stage, block, x, y):
         if name not in examples:
-            return None, *prediction_outputs(None), None, None, "Pick one of the listed examples.", gr.Slider(), gr.Slider()
+            return no_analysis("Pick one of the listed examples.")
         return analysed(examples[name](), model_key, stage, block, x, y)
 
     def clicked(analysis, stage, block, evt: gr.SelectData):
@@ -195,9 +196,8 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             return (current_key, f"**Could not load the model:** {error}", analysis, gr.Label(), gr.Image(),
                     gr.Image(), gr.Image(), gr.Markdown(), gr.Slider(), gr.Slider())
         picture = analysis.picture if analysis is not None else None
-        outputs = analysed(picture, key, stage, block, x, y) if picture is not None else (
-            None, *prediction_outputs(None), None, None, "Model loaded: upload an image or pick an example.",
-            gr.Slider(), gr.Slider())
+        outputs = (analysed(picture, key, stage, block, x, y) if picture is not None
+                   else no_analysis("Model loaded: upload an image or pick an example."))
         return (key, describe_model(shelf.get(key)), *outputs)
 
     # analytics off: the demo runs offline and reports nothing to Gradio's servers
