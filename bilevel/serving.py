@@ -31,9 +31,9 @@ from .data.images import ImageReadError, image_to_tensor, read_image
 from .models.loading import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from .ops.recording import RoutingRecord, record_routing
 
-__all__ = ["EMBEDDED_CHECKPOINT", "EMBEDDED_MODEL", "EMBEDDED_SEGMENTATION_MODEL", "EMBEDDED_MODELS", "MIN_IMAGE_SIDE", "WORKING_IMAGE_SIDE", "ServingError",
-           "ServedModel", "Analysis", "Predictor", "load_served_model", "read_upload", "fit_picture", "picture_digest",
-           "export_checkpoint"]
+__all__ = ["EMBEDDED_CHECKPOINT", "EMBEDDED_MODEL", "EMBEDDED_SEGMENTATION_CHECKPOINT", "EMBEDDED_SEGMENTATION_MODEL",
+           "EMBEDDED_MODELS", "MIN_IMAGE_SIDE", "WORKING_IMAGE_SIDE", "ServingError", "ServedModel", "Analysis",
+           "Predictor", "load_served_model", "read_upload", "fit_picture", "picture_digest", "export_checkpoint"]
 
 PathLike = Union[str, Path]
 
