@@ -23,7 +23,7 @@ from torch import Tensor
 from .gather import gather_regions
 
 __all__ = ["routed_attention", "reference_routed_attention", "select_backend", "ATTENTION_BACKENDS", "split_heads",
-           "merge_heads"]
+           "merge_heads", "tracks_gradients"]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -36,6 +36,11 @@ def merge_heads(x: Tensor) -> Tensor:
     """(..., H, T, D) -> (..., T, H * D)."""
     *lead, heads, tokens, dim = x.shape
     return x.transpose(-3, -2).reshape(*lead, tokens, heads * dim)
+
+
+def tracks_gradients(*tensors: Optional[Tensor]) -> bool:
+    """True when autograd is on and records any of ``tensors`` (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def reference_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
@@ -105,8 +110,7 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
     if (region_weights is None and num_key_regions * key_tokens <= DENSE_MAX_KEY_TOKENS
             and topk >= DENSE_MIN_ROUTED_FRACTION * num_key_regions):
         return "dense_mask"
-    tensors = (query, key) if region_weights is None else (query, key, region_weights)
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    training = tracks_gradients(query, key, region_weights)
     routed_copy = (indices.numel() * key_tokens * (key_channels + (value_channels or key_channels))
                    * key.element_size())
     if training and routed_copy > ROUTED_COPY_LIMIT_BYTES:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from ..attention import merge_heads, split_heads
+from ..attention import merge_heads, split_heads, tracks_gradients
 from ._select import check_shapes, region_mask
 
 __all__ = ["flex_routed_attention"]
@@ -35,7 +35,7 @@ def flex_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
         raise ValueError("flex: region_weights (soft routing) are not supported; use backend 'sdpa' or "
                          "'recompute' (backend='auto' does so)")
     on_cpu = query.device.type == "cpu"
-    if on_cpu and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+    if on_cpu and tracks_gradients(query, key, value):
         raise ValueError("flex: torch has no FlexAttention backward on CPU; use backend 'recompute' or 'sdpa' "
                          "for training on CPU (backend='auto' does so)")
     n, num_queries, query_tokens, _ = query.shape

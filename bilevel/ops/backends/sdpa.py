@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import merge_heads, split_heads
+from ..attention import merge_heads, split_heads, tracks_gradients
 from ._select import check_shapes, flat_region_indices, select_regions
 
 __all__ = ["sdpa_routed_attention", "CHUNK_BYTES"]
@@ -49,9 +49,7 @@ def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
     batch = n * num_queries
     region_bytes = topk * key.shape[2] * (key.shape[-1] + value.shape[-1]) * key.element_size()
     step = max(1, CHUNK_BYTES // region_bytes)
-    tracked = (query, key, value) if region_weights is None else (query, key, value, region_weights)
-    if (step >= batch or torch.compiler.is_compiling()
-            or torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):
+    if step >= batch or torch.compiler.is_compiling() or tracks_gradients(query, key, value, region_weights):
         return attend(0, batch).reshape(n, num_queries, query_tokens, -1)
     out = query.new_empty(batch, query_tokens, value.shape[-1])
     for first in range(0, batch, step):
