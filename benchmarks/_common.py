@@ -1,6 +1,7 @@
 """What the benchmark scripts share: where results go, how a run is described, timing and peak memory."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import platform
@@ -15,6 +16,19 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def benchmark_parser(doc: str, outputs: str, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
+    """The options every operator benchmark takes: --quick, --out, --repeats and --budget.
+
+    doc: the script's docstring (its first line describes the parser); outputs: the result files, for --out's help.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small setting, one repeat (smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for {outputs}")
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement at most")
+    return parser
 
 
 def run_metadata(script: str, argv: Optional[list[str]]) -> dict:

@@ -26,7 +26,6 @@ On CUDA every backend is trained, ``flex`` included (compiled FlexAttention with
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, best_seconds, peak_memory_mib, run_metadata, synchronize  # noqa: E402
+from _common import benchmark_parser, best_seconds, peak_memory_mib, run_metadata, synchronize  # noqa: E402
 
 from bilevel.flops import global_attention_flops, routed_attention_flops
 from bilevel.ops.attention import ATTENTION_BACKENDS, routed_attention, select_backend
@@ -310,11 +309,7 @@ def plot(table: list[dict], meta: dict, path: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one small setting, one repeat (smoke run)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bra_<tag>.md/.json/.png")
-    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (after a warm-up round)")
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement at most")
+    parser = benchmark_parser(__doc__, "bra_<tag>.md/.json/.png", 9, "timed rounds (after a warm-up round)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: results bra_gpu.* on CUDA")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -22,7 +22,6 @@ high-water mark, as in ``bench_bra.py``) are measured side by side in one run. W
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, best_seconds, peak_memory_mib, run_metadata  # noqa: E402
+from _common import benchmark_parser, best_seconds, peak_memory_mib, run_metadata  # noqa: E402
 
 import bilevel  # noqa: E402
 from bilevel.models.crossformer import CrossFormerBlock  # noqa: E402
@@ -183,11 +182,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one small setting, one repeat (smoke run)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for family_ops_<tag>.md/.json")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after a warm-up)")
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement at most")
+    parser = benchmark_parser(__doc__, "family_ops_<tag>.md/.json", 5, "timed runs per measurement (after a warm-up)")
     args = parser.parse_args(argv)
     settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
     torch.manual_seed(0)
