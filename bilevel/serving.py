@@ -334,7 +334,7 @@ def _plain(value: Any) -> Any:
 
 
 def export_checkpoint(source: PathLike, target: PathLike, half: bool = True) -> Path:
-    """Keep what serving needs of a ``bilevel fit`` checkpoint: the backbone weights and the hyper-parameters.
+    """Keep what serving needs of a ``bilevel fit`` checkpoint: the model weights and the hyper-parameters.
 
     Drops the optimizer state and stores floating-point weights in half precision (``half``), which
     makes the file about a sixth of the training checkpoint. The weights keep the task's names (``model.``

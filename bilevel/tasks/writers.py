@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..viz.masks import mask_palette
 
-__all__ = ["PredictionWriter", "mask_palette"]
+__all__ = ["PredictionWriter"]
 
 
 class PredictionWriter(BasePredictionWriter):
