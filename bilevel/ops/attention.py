@@ -3,7 +3,7 @@
 Every query token of region ``i`` attends to all tokens of the ``topk`` regions that routing
 chose for ``i``. All backends compute the same function; ``reference`` is the readable one
 (gather, then plain softmax attention) and defines the numerics the others must match. The fast
-backends (``sdpa``, ``recompute``, ``dense_mask``, ``flex``) live in :mod:`bilevel.ops.backends`;
+backends (``sdpa``, ``matmul``, ``recompute``, ``dense_mask``, ``flex``) live in :mod:`bilevel.ops.backends`;
 ``backend="auto"`` picks one by device, shape and grad mode (:func:`select_backend`).
 
 Layout used throughout (channels split into heads head-major, as the official code does):
@@ -81,6 +81,10 @@ DENSE_MAX_KEY_TOKENS = 256
 DENSE_MIN_ROUTED_FRACTION = 0.25
 #: when training, recompute is chosen once sdpa's saved routed copy of k and v would exceed this
 ROUTED_COPY_LIMIT_BYTES = 256 * 2 ** 20
+#: CPU inference: matmul is chosen for at most this many routed key tokens per query ...
+MATMUL_MAX_ROUTED_TOKENS = 128
+#: ... and at least this many query tokens per region (fewer: its per-head calls cost more than they save)
+MATMUL_MIN_QUERY_TOKENS = 32
 
 
 def _flex_fits(query: Tensor, num_heads: int) -> bool:
@@ -100,6 +104,9 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
       SDPA beats many small ones there: BiFormer-T stage 3);
     - training where the routed copy sdpa keeps for backward (topk x the size of k and v) would exceed
       ``ROUTED_COPY_LIMIT_BYTES``: ``recompute``;
+    - CPU inference with small tiles (at most ``MATMUL_MAX_ROUTED_TOKENS`` routed keys and at least
+      ``MATMUL_MIN_QUERY_TOKENS`` queries per region: BiFormer-T stage 1 at 224 px): ``matmul``, where
+      PyTorch's fused CPU kernel spends more on its 32-query blocks than on the products;
     - otherwise ``sdpa``, the fastest backend at every other measured setting, training and inference.
     value_channels: channels of the values (default: those of the keys); num_heads: for the head size.
     """
@@ -115,6 +122,9 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
                    * key.element_size())
     if training and routed_copy > ROUTED_COPY_LIMIT_BYTES:
         return "recompute"
+    if (not training and query.device.type == "cpu" and topk * key_tokens <= MATMUL_MAX_ROUTED_TOKENS
+            and query.shape[2] >= MATMUL_MIN_QUERY_TOKENS):
+        return "matmul"
     return "sdpa"
 
 

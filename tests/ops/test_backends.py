@@ -18,12 +18,13 @@ from bilevel.ops import backends
 from bilevel.ops import attention
 from bilevel.ops.attention import ATTENTION_BACKENDS, reference_routed_attention, routed_attention, select_backend
 from bilevel.ops.backends import recompute
+from bilevel.ops.backends._select import select_regions
 from tests.conftest import golden_cases, load_case
 
 BRA_CASES = golden_cases("op", "op_bra") + golden_cases("op", "op_dbra")   # DBRA: same core, Tq != Tk
 FAST_BACKENDS = sorted(set(ATTENTION_BACKENDS) - {"reference"})
 TRAINABLE = [name for name in FAST_BACKENDS if name != "flex"]       # flex: no CPU backward in torch
-WEIGHTED = ["sdpa", "recompute"]                                     # backends supporting region_weights
+WEIGHTED = ["sdpa", "matmul", "recompute"]                                     # backends supporting region_weights
 
 
 def _build_op(case: dict, backend: str, fill) -> torch.nn.Module:
@@ -34,7 +35,7 @@ def _build_op(case: dict, backend: str, fill) -> torch.nn.Module:
 
 def test_registry_has_the_documented_backends():
     assert set(ATTENTION_BACKENDS) == {"reference", *backends.BACKENDS}
-    assert set(backends.BACKENDS) == {"sdpa", "recompute", "dense_mask", "flex"}
+    assert set(backends.BACKENDS) == {"sdpa", "matmul", "recompute", "dense_mask", "flex"}
 
 
 @pytest.mark.parametrize("backend", [*FAST_BACKENDS, "auto"])
@@ -116,20 +117,24 @@ def test_random_odd_cases_with_region_weights(backend, shape):
     _compare_with_reference(backend, shape, weighted=True)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "matmul"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "region_weights"])
 @pytest.mark.parametrize("shape", ODD_CASES.values(), ids=ODD_CASES.keys())
-def test_sdpa_inference_in_chunks_of_query_regions(shape, weighted, monkeypatch):
-    """Without autograd sdpa attends chunk by chunk: here 2 query regions per chunk, the last one shorter."""
-    from bilevel.ops.backends import sdpa
-
+def test_inference_in_chunks_of_query_regions(shape, weighted, backend, monkeypatch):
+    """Without autograd sdpa and matmul attend chunk by chunk: here 2 query regions per chunk, the last shorter."""
     query, key, value, indices, weights = _random_inputs(*shape, weighted=weighted)
     heads, scale, topk = shape[5], shape[6] ** -0.5, shape[8]
-    region_bytes = topk * key.shape[2] * (key.shape[-1] + value.shape[-1]) * key.element_size()
-    monkeypatch.setattr(sdpa, "CHUNK_BYTES", 2 * region_bytes)
+    routed_tokens = topk * key.shape[2]
+    per_region = routed_tokens * (key.shape[-1] + value.shape[-1] + (query.shape[2] if backend == "matmul" else 0))
+    module = getattr(backends, backend)
+    monkeypatch.setattr(module, "CHUNK_BYTES", 2 * per_region * key.element_size())
+    selections = []
+    monkeypatch.setattr(module, "select_regions", lambda *args: selections.append(args) or select_regions(*args))
     with torch.no_grad():
         expected = reference_routed_attention(query, key, value, indices, scale, heads, region_weights=weights)
-        out = routed_attention(query, key, value, indices, scale, heads, region_weights=weights, backend="sdpa")
+        out = routed_attention(query, key, value, indices, scale, heads, region_weights=weights, backend=backend)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert len(selections) == 2 * -(-shape[0] * shape[1] // 2)      # keys and values, chunk by chunk
 
 
 @pytest.mark.parametrize("backend", [*TRAINABLE, "auto"])
@@ -234,6 +239,12 @@ def test_auto_rule(monkeypatch):
     with torch.no_grad():
         assert select_backend(large[0], large[1], large[3]) == "sdpa"
     assert select_backend(large[0].detach(), large[1].detach(), large[3]) == "sdpa"
+    stage1 = _random_inputs(1, 49, 49, 64, 64, 2, 8, 8, 1)        # 64 queries, 64 routed keys per region
+    stage2 = _random_inputs(1, 49, 49, 16, 16, 2, 8, 8, 4)        # 16 queries, 64 routed keys per region
+    assert select_backend(stage1[0], stage1[1], stage1[3]) == "sdpa"
+    with torch.no_grad():
+        assert select_backend(stage1[0], stage1[1], stage1[3]) == "matmul"
+        assert select_backend(stage2[0], stage2[1], stage2[3]) == "sdpa"
 
 
 def test_benchmark_quick_mode(tmp_path):

@@ -8,6 +8,8 @@ name           idea                                                             
 =============  =====================================================================  ==============
 ``sdpa``       ``index_select`` the routed regions (no broadcast gather), then         yes
                ``F.scaled_dot_product_attention`` per query region
+``matmul``     ``index_select`` the routed regions, then per head two batched BLAS     yes
+               products and a softmax on channel slices (small tiles: 224 px, CPU)
 ``recompute``  custom autograd function: saves only q, k, v, output and log-sum-exp;   yes
                the routed regions are re-selected in backward, in chunks of regions
 ``dense_mask`` attention over all key tokens with a boolean region mask (small maps)   ValueError
@@ -20,15 +22,17 @@ indices per query region (as ``torch.topk`` gives) and raise ``ValueError`` othe
 """
 from .dense import dense_mask_routed_attention
 from .flex import flex_routed_attention
+from .matmul import matmul_routed_attention
 from .recompute import recompute_routed_attention
 from .sdpa import sdpa_routed_attention
 
 BACKENDS = {
     "sdpa": sdpa_routed_attention,
+    "matmul": matmul_routed_attention,
     "recompute": recompute_routed_attention,
     "dense_mask": dense_mask_routed_attention,
     "flex": flex_routed_attention,
 }
 
-__all__ = ["BACKENDS", "sdpa_routed_attention", "recompute_routed_attention", "dense_mask_routed_attention",
-           "flex_routed_attention"]
+__all__ = ["BACKENDS", "sdpa_routed_attention", "matmul_routed_attention", "recompute_routed_attention",
+           "dense_mask_routed_attention", "flex_routed_attention"]

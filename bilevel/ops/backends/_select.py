@@ -31,6 +31,8 @@ def check_shapes(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, num
 
 def flat_region_indices(indices: Tensor, num_key_regions: int) -> Tensor:
     """(N, Rq, topk) per-image region indices -> (N * Rq * topk,) indices into the (N * Rk) regions."""
+    if indices.shape[0] == 1:     # one image: the indices are already flat (saves two small ops per call)
+        return indices.reshape(-1)
     offsets = torch.arange(indices.shape[0], device=indices.device).mul_(num_key_regions)
     return (indices + offsets.view(-1, 1, 1)).reshape(-1)
 
