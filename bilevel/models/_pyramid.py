@@ -38,6 +38,18 @@ class PyramidBackbone(nn.Module):
     grad_checkpointing = False
 
     @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's hook for ``pretrained=True`` with a local file (``pretrained_cfg_overlay=dict(file=path)``).
+
+        Reads the file with ``weights_only=True``, accepts the official layouts and replaces a classifier of
+        another size (with a warning), as :func:`bilevel.create_model` does.
+        """
+        from .loading import extract_state_dict, load_pretrained_weights, read_checkpoint
+
+        state = extract_state_dict(read_checkpoint(checkpoint_path), source=str(checkpoint_path))
+        load_pretrained_weights(self, state, source=str(checkpoint_path))
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Names timm's optimisers keep out of weight decay beyond 1-D parameters: none, as in the official code
         (whose ``pos_embed``/``cls_token`` match no parameter of these models)."""
@@ -182,11 +194,26 @@ def imagenet_cfg(first_conv: str, **kwargs) -> dict:
     }
 
 
+def _local_weights(kwargs: dict) -> bool:
+    """Whether timm's ``pretrained_cfg``/``pretrained_cfg_overlay`` arguments name a file or a state dict."""
+    sources = [kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg")]
+    return any(isinstance(cfg, dict) and (cfg.get("file") or cfg.get("state_dict") is not None) for cfg in sources)
+
+
 def build_pyramid(model_cls, variant: str, pretrained: bool = False, **kwargs):
-    """Build a registered variant the timm way (``pretrained_cfg``, ``features_only``)."""
-    if pretrained:
-        raise ValueError(f"{variant}: bilevel never downloads weights; build it with "
-                         "bilevel.create_model(name, checkpoint_path=...) and the official .pth file")
+    """Build a registered variant the timm way (``pretrained_cfg``, ``features_only``).
+
+    ``pretrained=True`` needs a local source, the timm way: ``pretrained_cfg_overlay=dict(file=path)``
+    (or ``state_dict=...``); nothing is ever downloaded. A file is read by the model's own
+    :meth:`PyramidBackbone.load_pretrained` (timm's ``custom_load``), as ``bilevel.create_model`` reads it.
+    """
+    if pretrained and not _local_weights(kwargs):
+        raise ValueError(f"{variant}: bilevel never downloads weights; pass the official .pth file, with "
+                         "bilevel.create_model(name, checkpoint_path=...) or timm.create_model(name, "
+                         "pretrained=True, pretrained_cfg_overlay=dict(file=...))")
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if pretrained and isinstance(overlay, dict) and overlay.get("file"):
+        kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(model_cls, variant, pretrained=False,
+    return build_model_with_cfg(model_cls, variant, pretrained=pretrained,
                                 feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)

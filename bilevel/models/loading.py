@@ -17,7 +17,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_weights", "create_model"]
+__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_weights", "load_pretrained_weights",
+           "create_model"]
 
 PathLike = Union[str, Path]
 
@@ -141,6 +142,14 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str
     return skipped
 
 
+def load_pretrained_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """:func:`load_weights` for fine-tuning: a classifier of another size is re-initialised, with a warning."""
+    replaced = load_weights(model, state_dict, source=source, allow_new_classifier=True)
+    if replaced:
+        warnings.warn(f"{source}: loaded everything but the classifier ({', '.join(replaced)}), "
+                      f"which was re-initialised for {model.num_classes} classes", stacklevel=3)
+
+
 def _classifier_prefixes(model: nn.Module) -> set[str]:
     classifier = getattr(model, "default_cfg", {}).get("classifier", "head")
     names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
@@ -165,10 +174,7 @@ def create_model(name: str, checkpoint_path: Optional[PathLike] = None, num_clas
         kwargs["num_classes"] = num_classes
     model = timm.create_model(name, pretrained=False, **kwargs)
     if state is not None:
-        replaced = load_weights(model, state, source=str(checkpoint_path), allow_new_classifier=True)
-        if replaced:
-            warnings.warn(f"{checkpoint_path}: loaded everything but the classifier ({', '.join(replaced)}), "
-                          f"which was re-initialised for {num_classes} classes", stacklevel=2)
+        load_pretrained_weights(model, state, source=str(checkpoint_path))
     if features_only:
         from timm.models._features import FeatureGetterNet
         model = FeatureGetterNet(model, out_indices=out_indices)

@@ -187,6 +187,33 @@ def test_head_is_replaced_when_class_count_differs(filled_tiny, tmp_path):
     assert len(features(torch.randn(1, 3, 112, 112))) == 4
 
 
+def test_timm_pretrained_with_a_local_file(filled_tiny, tmp_path):
+    """timm's way to load a local file: pretrained=True plus pretrained_cfg_overlay=dict(file=...).
+
+    The official layout pickles an argparse Namespace, which a plain weights-only load refuses: the file
+    goes through bilevel's reader, as with bilevel.create_model.
+    """
+    path = tmp_path / "official.pth"
+    torch.save({"model": filled_tiny.state_dict(), "args": argparse.Namespace(model="biformer_tiny")}, path)
+    loaded = timm.create_model("biformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(_outputs(loaded), _outputs(filled_tiny))
+    with pytest.warns(UserWarning, match="re-initialised for 5 classes"):
+        five = timm.create_model("biformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                 num_classes=5)
+    assert five.head.weight.shape == (5, 512)
+    features = timm.create_model("biformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                 features_only=True, out_indices=(2, 3))
+    x = torch.ones(1, 3, 112, 112)
+    with torch.no_grad():
+        expected = filled_tiny.forward_intermediates(x, indices=(2, 3), intermediates_only=True)
+        for got, want in zip(features.eval()(x), expected, strict=True):
+            torch.testing.assert_close(got, want)
+    with pytest.raises(CheckpointError, match="does not fit biformer_small"):
+        timm.create_model("biformer_small", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(ValueError, match="never downloads weights"):
+        timm.create_model("biformer_tiny", pretrained=True)
+
+
 def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
     with torch.device("meta"):
         other = bilevel.create_model("biformer_stl")

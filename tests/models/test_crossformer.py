@@ -75,6 +75,10 @@ def test_v1_checkpoint_loads_strictly(tmp_path):
         direct = _small()
         direct.load_state_dict(v1_state, strict=True)
         torch.testing.assert_close(direct(x), expected, rtol=0, atol=0)
+        for timm_way in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
+                         dict(checkpoint_path=str(path))):
+            through_timm = timm.create_model("crossformer_tiny", **timm_way, **SMALL).eval()
+            torch.testing.assert_close(through_timm(x), expected, rtol=0, atol=0)
 
 
 def test_own_state_dict_round_trips(tmp_path):
