@@ -137,6 +137,17 @@ def test_inference_in_chunks_of_query_regions(shape, weighted, backend, monkeypa
     assert len(selections) == 2 * -(-shape[0] * shape[1] // 2)      # keys and values, chunk by chunk
 
 
+def test_matmul_inference_compiles_to_one_graph():
+    """The chunk loop with its reused buffers traces into one graph (auto picks matmul for this op)."""
+    op = bilevel.create_op("BiLevelRoutingAttention", dim=16, num_heads=2, n_win=3, topk=1).eval()
+    x = torch.randn(1, 24, 24, 16)                     # 9 regions of 64 tokens: matmul without autograd
+    with torch.no_grad():
+        assert select_backend(*(torch.zeros(1, 9, 64, 16),) * 2, torch.zeros(1, 9, 1, dtype=torch.long)) == "matmul"
+        expected = op(x)
+        compiled = torch.compile(op, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, expected, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend", [*TRAINABLE, "auto"])
 def test_non_contiguous_inputs(backend):
     query, key, value, indices, _ = _random_inputs(*ODD_CASES["non_square_grid"])
