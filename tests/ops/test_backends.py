@@ -162,6 +162,19 @@ def test_non_contiguous_inputs(backend):
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_sdpa_gives_the_fused_kernel_channel_contiguous_queries(grad):
+    """A channels-first query map (DBRA's) must not push SDPA onto its slow math path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    query, key, value, indices, _ = _random_inputs(1, 9, 9, 4, 16, 2, 16, 16, 2)
+    query_t = query.detach().transpose(-2, -1).contiguous().transpose(-2, -1).requires_grad_(grad)
+    expected = reference_routed_attention(query, key, value, indices, 0.25, 2)
+    with torch.set_grad_enabled(grad), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):   # no math fallback allowed
+        out = routed_attention(query_t, key, value, indices, 0.25, 2, backend="sdpa")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", ODD_CASES.values(), ids=ODD_CASES.keys())
 def test_flex_forward_on_cpu(shape):
     query, key, value, indices, _ = _random_inputs(*shape)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["flat_region_indices", "select_regions", "region_mask", "check_shapes"]
+__all__ = ["flat_region_indices", "select_regions", "region_mask", "check_shapes", "unit_channel_stride"]
 
 
 def check_shapes(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, num_heads: int,
@@ -27,6 +27,15 @@ def check_shapes(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, num
     if region_weights is not None and region_weights.shape != indices.shape:
         raise ValueError(f"{backend}: region_weights {tuple(region_weights.shape)} must have the shape of "
                          f"indices {tuple(indices.shape)}")
+
+
+def unit_channel_stride(x: Tensor) -> Tensor:
+    """``x`` with stride 1 along its last (channel) axis, copied only when needed.
+
+    PyTorch's fused attention kernels need it, and SDPA otherwise falls back to its slow math path
+    (region-partitioned maps that were channels-first, as DBRA's queries, have channel stride T).
+    """
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def flat_region_indices(indices: Tensor, num_key_regions: int) -> Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import merge_heads, split_heads
-from ._select import check_shapes, region_mask
+from ._select import check_shapes, region_mask, unit_channel_stride
 
 __all__ = ["dense_mask_routed_attention", "token_mask"]
 
@@ -34,7 +34,7 @@ def dense_mask_routed_attention(query: Tensor, key: Tensor, value: Tensor, indic
     n, num_queries, query_tokens, _ = query.shape
     num_key_regions, key_tokens = key.shape[1], key.shape[2]
     mask = token_mask(indices, num_key_regions, query_tokens, key_tokens, "dense_mask")
-    q = split_heads(query.reshape(n, num_queries * query_tokens, -1), num_heads)   # (N, H, Rq * Tq, Dqk)
+    q = split_heads(unit_channel_stride(query).reshape(n, num_queries * query_tokens, -1), num_heads)  # (N, H, L, D)
     k = split_heads(key.reshape(n, num_key_regions * key_tokens, -1), num_heads)    # (N, H, Rk * Tk, Dqk)
     v = split_heads(value.reshape(n, num_key_regions * key_tokens, -1), num_heads)  # (N, H, Rk * Tk, Dv)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

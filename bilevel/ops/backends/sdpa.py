@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import merge_heads, split_heads, tracks_gradients
-from ._select import check_shapes, flat_region_indices, select_regions
+from ._select import check_shapes, flat_region_indices, select_regions, unit_channel_stride
 
 __all__ = ["sdpa_routed_attention", "CHUNK_BYTES"]
 
@@ -34,7 +34,7 @@ def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
     topk = indices.shape[-1]
     flat = flat_region_indices(indices, key.shape[1])
     weights = None if region_weights is None else region_weights.reshape(-1)
-    queries = query.reshape(n * num_queries, query_tokens, -1)
+    queries = unit_channel_stride(query).reshape(n * num_queries, query_tokens, -1)
 
     def attend(first: int, last: int) -> Tensor:   # query regions [first, last) -> (last - first, Tq, H * Dv)
         chosen = slice(first * topk, last * topk)
