@@ -236,11 +236,14 @@ class DeBiLevelRoutingAttention(nn.Module):
         """
         groups = self.settings.groups
         batch_groups = positions.shape[0]
-        grid = query_grid(*map_size, positions.dtype, positions.device).reshape(1, -1, 1, 2)
-        displacement = 0.5 * (grid - positions.reshape(batch_groups, 1, -1, 2))       # (N*g, HW, HgWg, 2)
+        # the official 0.5 * (grid - positions), flipped to grid_sample's (x, y) order; halving is exact in
+        # floating point, so halving and flipping the small operands gives the same numbers in one pass
+        # over the large (N*g, HW, HgWg, 2) tensor instead of three
+        grid = 0.5 * query_grid(*map_size, positions.dtype, positions.device).flip(-1).reshape(1, -1, 1, 2)
+        displacement_xy = grid - 0.5 * positions.flip(-1).reshape(batch_groups, 1, -1, 2)   # (N*g, HW, HgWg, 2)
         table = self.rpe_table.reshape(groups, self.num_heads // groups, *self.rpe_table.shape[1:])
         table = table.repeat(batch_groups // groups, 1, 1, 1)                          # (N*g, heads/g, ., .)
-        bias = _sample(table, displacement)                                            # (N*g, heads/g, HW, HgWg)
+        bias = F.grid_sample(table, displacement_xy, mode="bilinear", align_corners=True)  # (N*g, heads/g, HW, HgWg)
         return bias.reshape(batch_groups // groups, self.num_heads, *bias.shape[2:])
 
     def forward(self, x: Tensor, ret_attn_mask: bool = False):
