@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import math
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,6 +18,9 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+#: a timed run lasts at least this long (sub-millisecond steps are called several times per run)
+MIN_RUN_S = 0.05
 
 
 def benchmark_parser(doc: str, outputs: str, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
@@ -89,3 +94,52 @@ def best_seconds(step: Callable[[], None], repeats: int, budget_s: float) -> flo
         step()
         times.append(time.perf_counter() - tick)
     return min(times)
+
+
+def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, budget_s: float,
+                     device: torch.device = torch.device("cpu")) -> dict[str, list[Optional[float]]]:
+    """Seconds per call of every step, round by round: ``{name: [round 1, ..., round R]}``.
+
+    A warm-up round runs every step (compiling what is compiled) and sets how many calls make one timed
+    run (at least ``MIN_RUN_S``). Each following round times every step once, in order, so that a change
+    of machine load touches the steps of a round alike. A step whose timed runs took ``budget_s`` sits out
+    the rounds after the second (None there). On CUDA every run ends with a synchronisation.
+    """
+    calls = {}
+    for name, step in steps.items():
+        step()
+        synchronize(device)
+        tick = time.perf_counter()
+        step()
+        synchronize(device)
+        calls[name] = max(1, math.ceil(MIN_RUN_S / max(time.perf_counter() - tick, 1e-6)))
+    times: dict[str, list[Optional[float]]] = {name: [] for name in steps}
+    spent = dict.fromkeys(steps, 0.0)
+    for round_index in range(rounds):
+        for name, step in steps.items():
+            if round_index >= 2 and spent[name] > budget_s:
+                times[name].append(None)
+                continue
+            tick = time.perf_counter()
+            for _ in range(calls[name]):
+                step()
+            synchronize(device)
+            elapsed = time.perf_counter() - tick
+            spent[name] += elapsed
+            times[name].append(elapsed / calls[name])
+    return times
+
+
+def fastest(times: list[Optional[float]]) -> float:
+    """The fastest of the rounds a step ran."""
+    return min(t for t in times if t is not None)
+
+
+def paired_speedup(baseline: list[Optional[float]], method: list[Optional[float]]) -> Optional[float]:
+    """Median, over the rounds both ran, of baseline time / method time within the round.
+
+    Both runs of a pair are seconds apart, so a load that drifts between rounds does not bias the ratio
+    (a ratio of two fastest runs can pair a quiet moment with a busy one).
+    """
+    ratios = [b / m for b, m in zip(baseline, method) if b is not None and m is not None]
+    return statistics.median(ratios) if ratios else None

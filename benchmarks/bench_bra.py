@@ -6,8 +6,9 @@ the stage's width and indices from real top-k routing of the region means, next 
 of the same width: dense SDPA over all tokens and window attention (SDPA inside windows of
 ``topk * tokens per region`` tokens, the same keys per query as routing). Measured side by side:
 
-- forward and forward+backward time: the fastest of the repeats after a warm-up, the methods of a
-  setting timed round-robin (one run of each per round) so that load changes touch them alike;
+- forward and forward+backward time: the methods of a setting are timed round-robin (one run of each
+  per round, after a warm-up round) so that load changes touch them alike; times are the fastest
+  round, speed-ups the median over rounds of the ratio within a round;
 - peak memory of forward+backward: on CPU, growth of the process's resident-set high-water mark
   (``VmHWM`` in /proc/self/status), reset through /proc/self/clear_refs after ``malloc_trim`` has
   returned freed heap to the system, so the figure is what the step itself needed (inputs excluded);
@@ -26,11 +27,8 @@ On CUDA every backend is trained, ``flex`` included (compiled FlexAttention with
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,15 +37,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import benchmark_parser, best_seconds, peak_memory_mib, run_metadata, synchronize  # noqa: E402
+from _common import (benchmark_parser, best_seconds, fastest, paired_speedup, peak_memory_mib,  # noqa: E402
+                     run_metadata, synchronize, time_round_robin)
 
 from bilevel.flops import global_attention_flops, routed_attention_flops
 from bilevel.ops.attention import ATTENTION_BACKENDS, routed_attention, select_backend
 from bilevel.ops.regions import region_partition
 from bilevel.ops.routing import region_affinity, topk_routing
 
-#: a timed run lasts at least this long (sub-millisecond steps are called several times per run)
-MIN_RUN_S = 0.05
 #: dense SDPA over all tokens is skipped above this many tokens (minutes per run) ...
 DENSE_MAX_TOKENS = 16384
 #: ... and dense_mask and flex (eager on CPU: both hold the full token-by-token matrix) above this many
@@ -88,6 +85,8 @@ class Row:
     gflops_forward: Optional[float]
     gflops_train: Optional[float]
     note: str = ""
+    forward_runs: Optional[list] = None   # seconds per call in each timed round (None: sat out the round)
+    train_runs: Optional[list] = None
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
@@ -163,49 +162,32 @@ def training_step(make_step: Callable, q, k, v) -> Callable[[], None]:
 
 def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeats: int, budget_s: float
                         ) -> list[Row]:
-    """Forward and forward+backward times of every method, round-robin, then each method's peak memory.
-
-    After a warm-up run of every step (which also compiles what is compiled), each round times every
-    method once (forward, then forward+backward), so a change of machine load touches all methods of the
-    setting alike; a method stops being timed once its timed runs took ``budget_s``. A run of a step
-    shorter than ``MIN_RUN_S`` calls it several times (the time per call is kept). The fastest run counts.
-    On CUDA every run ends with a synchronisation.
-    """
+    """Forward and forward+backward times of every method, round-robin (:func:`time_round_robin`), then
+    each method's peak memory of forward+backward."""
     device = q.device
-    steps = [(method.make_step(q, k, v), training_step(method.make_step, q, k, v) if method.trainable else None)
-             for method in methods]
-    times = [{"forward": [], "train": []} for _ in methods]
-    calls = [{"forward": 1, "train": 1} for _ in methods]
-    spent = [0.0] * len(methods)
-    for round_index in range(repeats + 1):
-        for index, (forward, train) in enumerate(steps):
-            if round_index > 1 and spent[index] > budget_s:
-                continue
-            for kind, step in (("forward", forward), ("train", train)):
-                if step is None:
-                    continue
-                with torch.no_grad() if kind == "forward" else contextlib.nullcontext():
-                    if round_index == 0:
-                        step()
-                        synchronize(device)
-                    tick = time.perf_counter()
-                    for _ in range(calls[index][kind]):
-                        step()
-                    synchronize(device)
-                    elapsed = time.perf_counter() - tick
-                if round_index:
-                    times[index][kind].append(elapsed / calls[index][kind])
-                    spent[index] += elapsed
-                else:                                # round 0: warm-up, then enough calls to last MIN_RUN_S
-                    calls[index][kind] = max(1, math.ceil(MIN_RUN_S / max(elapsed, 1e-6)))
+    steps, trains = {}, {}
+    for method in methods:
+        forward = method.make_step(q, k, v)
+
+        def forward_no_grad(forward=forward) -> None:
+            with torch.no_grad():
+                forward()
+        steps[f"{method.name} forward"] = forward_no_grad
+        if method.trainable:
+            trains[method.name] = steps[f"{method.name} train"] = training_step(method.make_step, q, k, v)
+    times = time_round_robin(steps, repeats, budget_s, device)
     rows = []
-    for method, (_, train), measured in zip(methods, steps, times):
-        forward_s = min(measured["forward"])
-        train_s = min(measured["train"]) if measured["train"] else None
-        peak = peak_memory_mib(train, device) if train is not None else None
+    for method in methods:
+        forward_runs = times[f"{method.name} forward"]
+        train_runs = times.get(f"{method.name} train")
+        train = trains.get(method.name)
+        forward_s, train_s = fastest(forward_runs), None if train_runs is None else fastest(train_runs)
         rows.append(Row(setting.name, setting.batch, method.name, 1e3 * forward_s,
-                        None if train_s is None else 1e3 * train_s, peak, 2 * method.flops / forward_s / 1e9,
-                        None if train_s is None else 6 * method.flops / train_s / 1e9, method.note))
+                        None if train_s is None else 1e3 * train_s,
+                        peak_memory_mib(train, device) if train is not None else None,
+                        2 * method.flops / forward_s / 1e9,
+                        None if train_s is None else 6 * method.flops / train_s / 1e9, method.note,
+                        forward_runs, train_runs))
     return rows
 
 
@@ -246,8 +228,9 @@ def summarize(rows: list[Row], matmul_rate: float) -> list[dict]:
     for row in rows:
         ref = reference[(row.setting, row.batch)]
         table.append({**asdict(row),
-                      "forward_speedup": _ratio(ref.forward_ms, row.forward_ms),
-                      "train_speedup": _ratio(ref.train_ms, row.train_ms),
+                      "forward_speedup": paired_speedup(ref.forward_runs, row.forward_runs),
+                      "train_speedup": (paired_speedup(ref.train_runs, row.train_runs)
+                                        if ref.train_runs and row.train_runs else None),
                       "memory_reduction": _ratio(ref.peak_mib, row.peak_mib),
                       "forward_matmul_fraction": _ratio(row.gflops_forward, matmul_rate),
                       "train_matmul_fraction": _ratio(row.gflops_train, matmul_rate)})
@@ -267,7 +250,8 @@ def markdown(table: list[dict], meta: dict) -> str:
              f"({min(meta['matmul_gflops_measured']):.0f}–{max(meta['matmul_gflops_measured']):.0f})",
              "- peak memory: growth over forward+backward (inputs excluded; CPU: VmHWM, CUDA: peak allocated); "
              "×: reference / method",
-             "- speed-up: reference time / method time in the same run; GFLOP/s of analytic attention FLOPs",
+             "- speed-up: median over the timed rounds of reference time / method time within the round; "
+             "ms: the fastest round; GFLOP/s of analytic attention FLOPs",
              "", "| setting | batch | method | fwd ms | fwd ×ref | fwd+bwd ms | fwd+bwd ×ref | peak MiB | "
              "mem ×ref | GFLOP/s fwd | % matmul fwd | % matmul fwd+bwd | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -12,9 +12,9 @@ stage's size at 224 px (batch 1 and 8; stages 1-3) and 512 px (batch 1; stages 1
   same with PyTorch's fused ``scaled_dot_product_attention`` forced ("fused SDPA"), and the official
   explicit softmax(q kᵀ + bias) v.
 
-Every method is checked to give the official output before it is timed. Forward, forward+backward (fastest
-of the repeats after a warm-up) and peak memory of forward+backward (growth of the resident
-high-water mark, as in ``bench_bra.py``) are measured side by side in one run. Writes
+Every method is checked to give the official output before it is timed. Forward and forward+backward are
+timed round-robin with the other methods (as in ``bench_bra.py``: fastest round, speed-ups paired round
+by round), then peak memory of forward+backward (growth of the resident high-water mark). Writes
 ``family_ops_<tag>.md`` and ``.json`` under ``benchmarks/results/``.
 
     python benchmarks/bench_family_ops.py            # a few minutes on 2 cores
@@ -26,7 +26,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 from unittest import mock
 
 import torch
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import benchmark_parser, best_seconds, peak_memory_mib, run_metadata  # noqa: E402
+from _common import (benchmark_parser, fastest, paired_speedup, peak_memory_mib, run_metadata,  # noqa: E402
+                     time_round_robin)
 
 import bilevel  # noqa: E402
 from bilevel.models.crossformer import CrossFormerBlock  # noqa: E402
@@ -106,41 +107,49 @@ def stage_modules(name: str, kind: type, operator: str) -> list[tuple[int, str, 
     return [(stage, label, module) for (stage, label), module in sorted(found.items())]
 
 
-def measure(module: nn.Module, x: torch.Tensor, repeats: int, budget_s: float) -> dict:
-    """Forward ms, forward+backward ms and peak MiB of forward+backward of ``module`` on ``x``."""
-    with torch.no_grad():
-        forward_s = best_seconds(lambda: module(x), repeats, budget_s)
+def steps_of(module: nn.Module, numerics, x: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The forward (no autograd) and forward+backward steps of ``module`` on ``x`` under ``numerics``."""
     leaf = x.detach().requires_grad_()
 
-    def train():
-        module(leaf).sum().backward()
+    def forward() -> None:
+        with numerics(module), torch.no_grad():
+            module(x)
+
+    def train() -> None:
+        with numerics(module):
+            module(leaf).sum().backward()
         leaf.grad = None
         module.zero_grad(set_to_none=True)
-
-    train_s = best_seconds(train, repeats, budget_s)
-    return {"forward_ms": 1e3 * forward_s, "train_ms": 1e3 * train_s, "peak_mib": peak_memory_mib(train)}
+    return forward, train
 
 
 def compare(operator: str, stage: int, module: nn.Module, x: torch.Tensor, repeats: int, budget_s: float
             ) -> list[dict]:
-    """One row per method (official first), each checked against the official output, with ratios to it."""
+    """One row per method (official first), each checked against the official output, then timed round-robin
+    with the others (:func:`time_round_robin`); speed-ups are paired per round against the official."""
     methods = {"official": official_numerics, "project": project_numerics}
     if isinstance(module, CrossFormerBlock):
         methods["fused SDPA"] = fused_sdpa
     with torch.no_grad(), official_numerics(module):
         expected = module(x)
-    rows = []
+    steps = {}
     for method, numerics in methods.items():
-        with numerics(module):
-            with torch.no_grad():
-                torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=1e-4)
-            rows.append({"operator": operator, "stage": stage + 1, "map": x.shape[1], "batch": x.shape[0],
-                         "method": method, **measure(module, x, repeats, budget_s)})
-    official = rows[0]
+        with numerics(module), torch.no_grad():
+            torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=1e-4)
+        steps[f"{method} forward"], steps[f"{method} train"] = steps_of(module, numerics, x)
+    times = time_round_robin(steps, repeats, budget_s)
+    rows = []
+    for method in methods:
+        forward_runs, train_runs = times[f"{method} forward"], times[f"{method} train"]
+        peak = peak_memory_mib(steps[f"{method} train"])
+        rows.append({"operator": operator, "stage": stage + 1, "map": x.shape[1], "batch": x.shape[0],
+                     "method": method, "forward_ms": 1e3 * fastest(forward_runs), "train_ms": 1e3 * fastest(train_runs),
+                     "peak_mib": peak, "forward_runs": forward_runs, "train_runs": train_runs,
+                     "forward_speedup": paired_speedup(times["official forward"], forward_runs),
+                     "train_speedup": paired_speedup(times["official train"], train_runs)})
+    official_peak = rows[0]["peak_mib"]
     for row in rows:
-        for key, ratio in (("forward_ms", "forward_speedup"), ("train_ms", "train_speedup"),
-                           ("peak_mib", "memory_reduction")):
-            row[ratio] = official[key] / row[key] if row[key] else None
+        row["memory_reduction"] = official_peak / row["peak_mib"] if official_peak and row["peak_mib"] else None
     return rows
 
 
@@ -169,7 +178,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"- command: `{meta['command']}`", f"- date: {meta['date']}",
              f"- torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}",
              "- official: the same module with reference gather routing and explicit softmax attention",
-             "- ×official: official / method in the same run (time, or peak memory of forward+backward)", "",
+             "- ×official: official / method, times paired round by round (median over rounds), or peak memory "
+             "of forward+backward; ms: the fastest round", "",
              "| setting | batch | operator | stage (map) | method | fwd ms | fwd ×official | fwd+bwd ms | "
              "fwd+bwd ×official | peak MiB | mem ×official |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -182,7 +192,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
-    parser = benchmark_parser(__doc__, "family_ops_<tag>.md/.json", 5, "timed runs per measurement (after a warm-up)")
+    parser = benchmark_parser(__doc__, "family_ops_<tag>.md/.json", 7, "timed rounds (after a warm-up round)")
     args = parser.parse_args(argv)
     settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
     torch.manual_seed(0)
