@@ -6,7 +6,7 @@ stage's size at 224 px (batch 1 and 8; stages 1-3) and 512 px (batch 1; stages 1
 
 - DBRA: the project's module (routed attention ``backend="auto"``, SDPA for the deformable attention)
   against the official formulation (reference gather for the routed attention, explicit
-  softmax(q kᵀ + bias) v for the deformable attention);
+  softmax(q kᵀ + bias) v for the deformable attention, the position bias in three passes);
 - CrossFormer block (LayerNorm, SDA or LDA grouped attention with the dynamic position bias, MLP):
   the project's module (on CPU the explicit product, see ``bilevel.ops.lsda.biased_attention``), the
   same with PyTorch's fused ``scaled_dot_product_attention`` forced ("fused SDPA"), and the official
@@ -40,7 +40,7 @@ from _common import (benchmark_parser, fastest, paired_speedup, peak_memory_mib,
 import bilevel  # noqa: E402
 from bilevel.models.crossformer import CrossFormerBlock  # noqa: E402
 from bilevel.ops import lsda  # noqa: E402
-from bilevel.ops.dbra import DeBiLevelRoutingAttention  # noqa: E402
+from bilevel.ops.dbra import DeBiLevelRoutingAttention, query_grid  # noqa: E402
 
 #: (name, image size, batch); the map of stage s is image / 4 / 2**s
 SETTINGS = [("224px", 224, 1), ("224px", 224, 8), ("512px", 512, 1)]
@@ -66,6 +66,18 @@ def fused_biased_attention(q, k, v, bias, scale, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout_p)
 
 
+def official_relative_position_bias(self: DeBiLevelRoutingAttention, map_size, positions):
+    """DBRA's position bias as the official code computes it: displacement, halving and the (x, y) flip
+    each a pass over the (N*g, HW, HgWg, 2) tensor (the project's gives the same numbers in one pass)."""
+    groups, batch_groups = self.settings.groups, positions.shape[0]
+    grid = query_grid(*map_size, positions.dtype, positions.device).reshape(1, -1, 1, 2)
+    displacement = 0.5 * (grid - positions.reshape(batch_groups, 1, -1, 2))
+    table = self.rpe_table.reshape(groups, self.num_heads // groups, *self.rpe_table.shape[1:])
+    table = table.repeat(batch_groups // groups, 1, 1, 1)
+    bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
+    return bias.reshape(batch_groups // groups, self.num_heads, *bias.shape[2:])
+
+
 @contextlib.contextmanager
 def project_numerics(module: nn.Module) -> Iterator[None]:
     """The module as the project runs it."""
@@ -81,13 +93,16 @@ def fused_sdpa(module: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def official_numerics(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` the way the official code computes: explicit softmax attention, reference gather."""
+    """Run ``module`` the way the official code computes: explicit softmax attention, reference gather, DBRA's
+    position bias in three passes."""
     previous = getattr(module, "backend", None)
     if previous is not None:
         module.backend = "reference"
     try:
         with mock.patch.object(F, "scaled_dot_product_attention", explicit_attention), \
-                mock.patch.object(lsda, "biased_attention", explicit_biased_attention):
+                mock.patch.object(lsda, "biased_attention", explicit_biased_attention), \
+                mock.patch.object(DeBiLevelRoutingAttention, "relative_position_bias",
+                                  official_relative_position_bias):
             yield
     finally:
         if previous is not None:
