@@ -12,9 +12,9 @@ import timm
 import torch
 
 import bilevel
-from bilevel.ops.attention import ATTENTION_BACKENDS, reference_routed_attention, routed_attention, select_backend
+from bilevel.ops.attention import ATTENTION_BACKENDS, select_backend
 from tests.conftest import golden_cases, load_case
-from tests.ops.test_backends import BRA_CASES, ODD_CASES, WEIGHTED, _random_inputs
+from tests.ops.test_backends import BRA_CASES, ODD_CASES, WEIGHTED, _compare_with_reference, _random_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,23 +40,8 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _on_cuda(shape, weighted=False):
-    tensors = _random_inputs(*shape, weighted=weighted)
-    return [None if t is None else (t.detach().to(CUDA).requires_grad_(t.requires_grad)) for t in tensors]
-
-
 def _compare(backend, shape, weighted=False):
-    query, key, value, indices, weights = _on_cuda(shape, weighted)
-    heads, scale = shape[5], shape[6] ** -0.5
-    inputs = [query, key, value] + ([weights] if weighted else [])
-    expected = reference_routed_attention(query, key, value, indices, scale, heads, region_weights=weights)
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(CUDA)
-    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
-    out = routed_attention(query, key, value, indices, scale, heads, region_weights=weights, backend=backend)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    for name, grad, expected_grad in zip(["query", "key", "value", "region_weights"],
-                                         torch.autograd.grad(out, inputs, grad_out), expected_grads):
-        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5, msg=name)
+    _compare_with_reference(backend, shape, weighted, device=CUDA)
 
 
 @pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "flex"])
@@ -77,33 +62,31 @@ def test_soft_routing_on_cuda(backend):
 
 
 def test_auto_takes_flex_on_cuda():
-    query, key, _, indices, weights = _on_cuda(MODEL_SHAPES["512px_stage2"], weighted=True)
+    query, key, _, indices, weights = _random_inputs(*MODEL_SHAPES["512px_stage2"], weighted=True, device=CUDA)
     assert select_backend(query, key, indices, num_heads=4) == "flex"
     assert select_backend(query, key, indices, weights, num_heads=4) != "flex"   # soft routing: not flex
+
+
+def _assert_golden_on_cuda(module: torch.nn.Module, case: dict, golden_fill) -> None:
+    """Fill ``module`` the golden way, run the case's input on CUDA and compare with the official output."""
+    golden_fill.fill_(module)
+    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
+    with torch.no_grad():
+        out = module.eval().to(CUDA)(x.to(CUDA)).cpu()
+    expected = golden_fill.decode_tensor(case["output"])
+    torch.testing.assert_close(out, expected, atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
 
 
 @pytest.mark.parametrize("path", BRA_CASES, ids=lambda p: p.stem)
 def test_golden_op_cases_on_cuda(path, golden_fill):
     case = load_case(path)
-    op = bilevel.create_op(case["op"]["class"], **case["op"]["kwargs"], backend="auto")
-    golden_fill.fill_(op)
-    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
-    with torch.no_grad():
-        out = op.eval().to(CUDA)(x.to(CUDA)).cpu()
-    expected = golden_fill.decode_tensor(case["output"])
-    torch.testing.assert_close(out, expected, atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
+    _assert_golden_on_cuda(bilevel.create_op(case["op"]["class"], **case["op"]["kwargs"]), case, golden_fill)
 
 
 @pytest.mark.parametrize("path", golden_cases("model"), ids=lambda p: p.stem)
 def test_golden_models_on_cuda(path, golden_fill):
     case = load_case(path)
-    model = bilevel.create_model(case["model"], **case.get("create_kwargs", {}))
-    golden_fill.fill_(model)
-    x = golden_fill.make_input(case["input"]["shape"], case["input"]["seed"])
-    with torch.no_grad():
-        out = model.eval().to(CUDA)(x.to(CUDA)).cpu()
-    expected = golden_fill.decode_tensor(case["output"])
-    torch.testing.assert_close(out, expected, atol=case["tolerance"]["atol"], rtol=case["tolerance"]["rtol"])
+    _assert_golden_on_cuda(bilevel.create_model(case["model"], **case.get("create_kwargs", {})), case, golden_fill)
 
 
 @pytest.mark.parametrize("name", ["biformer_tiny", "debiformer_tiny"])

@@ -77,26 +77,28 @@ ODD_CASES = {
 
 
 def _random_inputs(batch, num_queries, num_keys, query_tokens, key_tokens, heads, qk_dim, v_dim, topk,
-                   weighted=False):
+                   weighted=False, device=torch.device("cpu")):
+    """Seeded query, key, value (leaves requiring grad), distinct routing indices and optional region weights."""
     generator = torch.Generator().manual_seed(7)
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).requires_grad_()
+    def leaf(values):
+        return values.to(device).requires_grad_()
 
-    query = randn(batch, num_queries, query_tokens, heads * qk_dim)
-    key = randn(batch, num_keys, key_tokens, heads * qk_dim)
-    value = randn(batch, num_keys, key_tokens, heads * v_dim)
-    indices = torch.rand(batch, num_queries, num_keys, generator=generator).argsort(-1)[..., :topk]
-    weights = torch.rand(batch, num_queries, topk, generator=generator).requires_grad_() if weighted else None
+    query = leaf(torch.randn(batch, num_queries, query_tokens, heads * qk_dim, generator=generator))
+    key = leaf(torch.randn(batch, num_keys, key_tokens, heads * qk_dim, generator=generator))
+    value = leaf(torch.randn(batch, num_keys, key_tokens, heads * v_dim, generator=generator))
+    indices = torch.rand(batch, num_queries, num_keys, generator=generator).argsort(-1)[..., :topk].to(device)
+    weights = leaf(torch.rand(batch, num_queries, topk, generator=generator)) if weighted else None
     return query, key, value, indices, weights
 
 
-def _compare_with_reference(backend, shape, weighted):
-    query, key, value, indices, weights = _random_inputs(*shape, weighted=weighted)
+def _compare_with_reference(backend, shape, weighted, device=torch.device("cpu")):
+    """Outputs and gradients of ``backend`` against the reference on random inputs of ``shape``, on ``device``."""
+    query, key, value, indices, weights = _random_inputs(*shape, weighted=weighted, device=device)
     heads, scale = shape[5], shape[6] ** -0.5
     inputs = [query, key, value] + ([weights] if weighted else [])
     expected = reference_routed_attention(query, key, value, indices, scale, heads, region_weights=weights)
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(device)
     expected_grads = torch.autograd.grad(expected, inputs, grad_out)
     out = routed_attention(query, key, value, indices, scale, heads, region_weights=weights, backend=backend)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
