@@ -18,6 +18,7 @@ from bilevel.ops import backends
 from bilevel.ops import attention
 from bilevel.ops.attention import ATTENTION_BACKENDS, reference_routed_attention, routed_attention, select_backend
 from bilevel.ops.backends import recompute
+from bilevel.ops.backends import _select
 from bilevel.ops.backends._select import select_regions
 from tests.conftest import golden_cases, load_case
 
@@ -131,7 +132,7 @@ def test_inference_in_chunks_of_query_regions(shape, weighted, backend, monkeypa
     module = getattr(backends, backend)
     monkeypatch.setattr(module, "CHUNK_BYTES", 2 * per_region * key.element_size())
     selections = []
-    monkeypatch.setattr(module, "select_regions", lambda *args: selections.append(args) or select_regions(*args))
+    monkeypatch.setattr(_select, "select_regions", lambda *args: selections.append(args) or select_regions(*args))
     with torch.no_grad():
         expected = reference_routed_attention(query, key, value, indices, scale, heads, region_weights=weights)
         out = routed_attention(query, key, value, indices, scale, heads, region_weights=weights, backend=backend)

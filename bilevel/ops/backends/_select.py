@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["flat_region_indices", "select_regions", "region_mask", "check_shapes", "unit_channel_stride"]
+__all__ = ["flat_region_indices", "select_regions", "select_routed", "region_mask", "check_shapes",
+           "unit_channel_stride"]
 
 
 def check_shapes(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, num_heads: int,
@@ -57,6 +58,17 @@ def select_regions(regions: Tensor, flat_indices: Tensor, weights: Optional[Tens
     if weights is not None:
         selected = selected * weights.reshape(-1, 1, 1)
     return selected
+
+
+def select_routed(regions: Tensor, flat_indices: Tensor, weights: Optional[Tensor], topk: int, first: int,
+                  last: int) -> Tensor:
+    """The routed regions of query regions ``[first, last)``, side by side: (last - first, topk * T, C).
+
+    regions: (N, Rk, T, C); flat_indices, weights: (N * Rq * topk,) as for :func:`select_regions`.
+    """
+    chosen = slice(first * topk, last * topk)
+    selected = select_regions(regions, flat_indices[chosen], None if weights is None else weights[chosen])
+    return selected.view(last - first, -1, regions.shape[-1])
 
 
 def region_mask(indices: Tensor, num_key_regions: int, backend: str) -> Tensor:

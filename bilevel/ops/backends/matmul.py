@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..attention import tracks_gradients
-from ._select import check_shapes, flat_region_indices, select_regions
+from ._select import check_shapes, flat_region_indices, select_routed
 
 __all__ = ["matmul_routed_attention", "CHUNK_BYTES"]
 
@@ -61,9 +61,7 @@ def matmul_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: 
     queries = query.reshape(n * num_queries, query_tokens, -1)
 
     def routed(regions: Tensor, first: int, last: int) -> Tensor:   # -> (last - first, topk * Tk, C)
-        chosen = slice(first * topk, last * topk)
-        selected = select_regions(regions, flat[chosen], None if weights is None else weights[chosen])
-        return selected.view(last - first, routed_tokens, regions.shape[-1])
+        return select_routed(regions, flat, weights, topk, first, last)
 
     batch = n * num_queries
     if tracks_gradients(query, key, value, region_weights):

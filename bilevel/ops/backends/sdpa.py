@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import merge_heads, split_heads, tracks_gradients
-from ._select import check_shapes, flat_region_indices, select_regions, unit_channel_stride
+from ._select import check_shapes, flat_region_indices, select_routed, unit_channel_stride
 
 __all__ = ["sdpa_routed_attention", "CHUNK_BYTES"]
 
@@ -37,11 +37,8 @@ def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
     queries = unit_channel_stride(query).reshape(n * num_queries, query_tokens, -1)
 
     def attend(first: int, last: int) -> Tensor:   # query regions [first, last) -> (last - first, Tq, H * Dv)
-        chosen = slice(first * topk, last * topk)
-
         def routed(regions: Tensor) -> Tensor:      # (N, Rk, Tk, H * D) -> (last - first, H, topk * Tk, D)
-            selected = select_regions(regions, flat[chosen], None if weights is None else weights[chosen])
-            return split_heads(selected.reshape(last - first, -1, regions.shape[-1]), num_heads)
+            return split_heads(select_routed(regions, flat, weights, topk, first, last), num_heads)
 
         q = split_heads(queries[first:last], num_heads)                  # (last - first, H, Tq, Dqk)
         return merge_heads(F.scaled_dot_product_attention(q, routed(key), routed(value), scale=scale))
