@@ -66,16 +66,11 @@ def fused_biased_attention(q, k, v, bias, scale, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout_p)
 
 
-def official_relative_position_bias(self: DeBiLevelRoutingAttention, map_size, positions):
-    """DBRA's position bias as the official code computes it: displacement, halving and the (x, y) flip
-    each a pass over the (N*g, HW, HgWg, 2) tensor (the project's gives the same numbers in one pass)."""
-    groups, batch_groups = self.settings.groups, positions.shape[0]
+def official_rpe_displacement(map_size, positions):
+    """DBRA's bias displacement as the official code computes it: subtraction, halving and the (x, y) flip each
+    a pass over the (N*g, HW, HgWg, 2) tensor (the project's gives the same numbers in one pass)."""
     grid = query_grid(*map_size, positions.dtype, positions.device).reshape(1, -1, 1, 2)
-    displacement = 0.5 * (grid - positions.reshape(batch_groups, 1, -1, 2))
-    table = self.rpe_table.reshape(groups, self.num_heads // groups, *self.rpe_table.shape[1:])
-    table = table.repeat(batch_groups // groups, 1, 1, 1)
-    bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
-    return bias.reshape(batch_groups // groups, self.num_heads, *bias.shape[2:])
+    return (0.5 * (grid - positions.reshape(positions.shape[0], 1, -1, 2))).flip(-1)
 
 
 @contextlib.contextmanager
@@ -101,8 +96,8 @@ def official_numerics(module: nn.Module) -> Iterator[None]:
     try:
         with mock.patch.object(F, "scaled_dot_product_attention", explicit_attention), \
                 mock.patch.object(lsda, "biased_attention", explicit_biased_attention), \
-                mock.patch.object(DeBiLevelRoutingAttention, "relative_position_bias",
-                                  official_relative_position_bias):
+                mock.patch.object(DeBiLevelRoutingAttention, "rpe_displacement",
+                                  staticmethod(official_rpe_displacement)):
             yield
     finally:
         if previous is not None:

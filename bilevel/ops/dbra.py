@@ -229,20 +229,27 @@ class DeBiLevelRoutingAttention(nn.Module):
         reference = reference_points(offsets.shape[2], offsets.shape[3], q.dtype, q.device)
         return (reference + offsets.permute(0, 2, 3, 1)).clamp(-1.0, 1.0), reference
 
+    @staticmethod
+    def rpe_displacement(map_size: tuple[int, int], positions: Tensor) -> Tensor:
+        """Halved displacement from every sampling point to every query pixel, in grid_sample's (x, y) order.
+
+        positions: (N * g, Hg, Wg, 2) (y, x) -> (N * g, H * W, Hg * Wg, 2). The official
+        ``0.5 * (grid - positions)`` flipped to (x, y): halving is exact in floating point, so halving and
+        flipping the small operands gives the same numbers in one pass over the large tensor instead of three.
+        """
+        grid = 0.5 * query_grid(*map_size, positions.dtype, positions.device).flip(-1).reshape(1, -1, 1, 2)
+        return grid - 0.5 * positions.flip(-1).reshape(positions.shape[0], 1, -1, 2)
+
     def relative_position_bias(self, map_size: tuple[int, int], positions: Tensor) -> Tensor:
-        """rpe_table read at the halved displacement between every query pixel and every sampling point.
+        """rpe_table read at :meth:`rpe_displacement`.
 
         positions: (N * g, Hg, Wg, 2) (y, x) -> bias (N, heads, H * W, Hg * Wg).
         """
         groups = self.settings.groups
         batch_groups = positions.shape[0]
-        # the official 0.5 * (grid - positions), flipped to grid_sample's (x, y) order; halving is exact in
-        # floating point, so halving and flipping the small operands gives the same numbers in one pass
-        # over the large (N*g, HW, HgWg, 2) tensor instead of three
-        grid = 0.5 * query_grid(*map_size, positions.dtype, positions.device).flip(-1).reshape(1, -1, 1, 2)
-        displacement_xy = grid - 0.5 * positions.flip(-1).reshape(batch_groups, 1, -1, 2)   # (N*g, HW, HgWg, 2)
         table = self.rpe_table.reshape(groups, self.num_heads // groups, *self.rpe_table.shape[1:])
         table = table.repeat(batch_groups // groups, 1, 1, 1)                          # (N*g, heads/g, ., .)
+        displacement_xy = self.rpe_displacement(map_size, positions)                   # (N*g, HW, HgWg, 2)
         bias = F.grid_sample(table, displacement_xy, mode="bilinear", align_corners=True)  # (N*g, heads/g, HW, HgWg)
         return bias.reshape(batch_groups // groups, self.num_heads, *bias.shape[2:])
 
