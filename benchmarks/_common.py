@@ -96,14 +96,16 @@ def best_seconds(step: Callable[[], None], repeats: int, budget_s: float) -> flo
     return min(times)
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, budget_s: float,
-                     device: torch.device = torch.device("cpu")) -> dict[str, list[Optional[float]]]:
+def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, budget_s: float = math.inf,
+                     device: torch.device = torch.device("cpu"), progress: bool = False
+                     ) -> dict[str, list[Optional[float]]]:
     """Seconds per call of every step, round by round: ``{name: [round 1, ..., round R]}``.
 
     A warm-up round runs every step (compiling what is compiled) and sets how many calls make one timed
     run (at least ``MIN_RUN_S``). Each following round times every step once, in order, so that a change
     of machine load touches the steps of a round alike. A step whose timed runs took ``budget_s`` sits out
-    the rounds after the second (None there). On CUDA every run ends with a synchronisation.
+    the rounds after the second (None there). On CUDA every run ends with a synchronisation. ``progress``
+    prints a line per finished round to stderr.
     """
     calls = {}
     for name, step in steps.items():
@@ -127,6 +129,8 @@ def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, budget_s
             elapsed = time.perf_counter() - tick
             spent[name] += elapsed
             times[name].append(elapsed / calls[name])
+        if progress:
+            print(f"round {round_index + 1}/{rounds} done", file=sys.stderr, flush=True)
     return times
 
 

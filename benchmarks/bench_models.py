@@ -8,8 +8,9 @@ has one row.
 * evaluation: ``model(x)`` under ``torch.inference_mode()``
 * training step: forward, cross-entropy on random labels, backward, SGD step
 
-Models are measured round-robin (every model once per repeat) so that a change of machine load
-affects all rows alike; the fastest repeat counts. Writes ``models_<tag>.md`` and ``.json``.
+Models are measured round-robin (every model once per repeat, ``_common.time_round_robin``) so that a
+change of machine load affects all rows alike: images/s from the fastest repeat, ×reference the median
+over repeats of the ratio within a repeat. Writes ``models_<tag>.md`` and ``.json``.
 
     python benchmarks/bench_models.py                       # every variant, 224 px, batch 8
     python benchmarks/bench_models.py --models biformer_tiny --repeats 5
@@ -21,7 +22,6 @@ import argparse
 import inspect
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import bilevel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, run_metadata  # noqa: E402
+from _common import RESULTS, fastest, paired_speedup, run_metadata, time_round_robin  # noqa: E402
 
 BASELINES = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 
@@ -75,12 +75,6 @@ def train_step(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], Non
     return step
 
 
-def seconds(step: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="variants (default: all registered)")
@@ -109,25 +103,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
                          generator=torch.Generator().manual_seed(0))
-    steps = {label: {"eval": eval_step(model, images), "train": train_step(model, images)}
-             for label, model in models.items()}
-    best = {label: {"eval": float("inf"), "train": float("inf")} for label in steps}
-    for round_index in range(args.repeats + 1):                    # round 0 warms up
-        for label, mode_steps in steps.items():
-            for mode, step in mode_steps.items():
-                elapsed = seconds(step)
-                if round_index > 0:
-                    best[label][mode] = min(best[label][mode], elapsed)
-        print(f"round {round_index} done", file=sys.stderr)
+    steps = {}
+    for label, model in models.items():
+        steps[f"{label} eval"], steps[f"{label} train"] = eval_step(model, images), train_step(model, images)
+    times = time_round_robin(steps, args.repeats, progress=True)
 
-    rows = [{"model": label, "eval_images_per_s": args.batch_size / best[label]["eval"],
-             "train_images_per_s": args.batch_size / best[label]["train"]} for label in steps]
-    by_label = {row["model"]: row for row in rows}
+    rows = [{"model": label, "eval_images_per_s": args.batch_size / fastest(times[f"{label} eval"]),
+             "train_images_per_s": args.batch_size / fastest(times[f"{label} train"])} for label in models]
     for row in rows:
-        reference = by_label.get(row["model"].replace("[auto]", "[reference]"))
-        if reference is not None and row["model"].endswith("[auto]"):
-            row["eval_x_reference"] = row["eval_images_per_s"] / reference["eval_images_per_s"]
-            row["train_x_reference"] = row["train_images_per_s"] / reference["train_images_per_s"]
+        label = row["model"]
+        if label.endswith("[auto]"):
+            reference = label.replace("[auto]", "[reference]")
+            row["eval_x_reference"] = paired_speedup(times[f"{reference} eval"], times[f"{label} eval"])
+            row["train_x_reference"] = paired_speedup(times[f"{reference} train"], times[f"{label} train"])
     write(rows, args, argv)
     return rows
 
@@ -141,7 +129,8 @@ def write(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) ->
     lines = [f"# Model throughput ({tag})", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}",
              f"- torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}",
-             f"- {args.image_size} px, batch {args.batch_size}, fastest of {args.repeats} round-robin repeats",
+             f"- {args.image_size} px, batch {args.batch_size}, fastest of {args.repeats} round-robin repeats "
+             "(after a warm-up); ×reference: median over repeats of the ratio within a repeat",
              "- training step = forward + cross-entropy + backward + SGD step; random weights", "",
              "| model | eval img/s | train img/s | eval ×reference | train ×reference |", "|---|---|---|---|---|"]
     for row in rows:
