@@ -122,13 +122,11 @@ class BiLevelRoutingAttention(nn.Module):
         padded_h, padded_w = x.shape[1], x.shape[2]
         region_size = (padded_h // self.n_win, padded_w // self.n_win)
 
-        q, kv = self.qkv(x)                                   # (N, Hp, Wp, qk), (N, Hp, Wp, qk + C)
-        q_regions = region_partition(q, grid)                 # (N, S², h * w, qk)
-        kv_regions = region_partition(kv, grid)               # (N, S², h * w, qk + C)
+        # the projection is per token, so partition its C-channel input rather than its 2 * qk + C outputs
+        q_regions, kv_regions = self.qkv(region_partition(x, grid))   # (N, S², h * w, qk), (N, S², h * w, qk + C)
         routing = self.router(q_regions.mean(dim=2), kv_regions[..., : self.qk_dim].mean(dim=2))
 
-        kv_regions = self._downsample_kv(kv_regions, region_size)
-        key, value = kv_regions.split([self.qk_dim, self.dim], dim=-1)
+        key, value = self._downsample_kv(kv_regions, region_size).split([self.qk_dim, self.dim], dim=-1)
         weights = routing.weights if self.soft_routing else None
         if ret_attn_mask:
             out, attention = reference_routed_attention(q_regions, key, value, routing.indices, self.scale,
@@ -138,7 +136,7 @@ class BiLevelRoutingAttention(nn.Module):
                                    region_weights=weights, backend=self.backend)
         out = region_merge(out, grid, region_size)            # (N, Hp, Wp, C)
         if self.lepe is not None:
-            v_map = kv[..., self.qk_dim:].permute(0, 3, 1, 2)
+            v_map = region_merge(kv_regions[..., self.qk_dim:], grid, region_size).permute(0, 3, 1, 2)
             out = out + self.lepe(v_map).permute(0, 2, 3, 1)
         out = self.wo(out)
         if out.shape[1] != height or out.shape[2] != width:
