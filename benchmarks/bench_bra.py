@@ -19,7 +19,8 @@ of the same width: dense SDPA over all tokens and window attention (SDPA inside 
 
 Writes ``bra_<tag>.md``, ``bra_<tag>.json`` and ``bra_<tag>.png`` (tag ``cpu``, ``gpu`` or ``quick``) with
 the command, date, torch version and thread count. ``--quick`` runs one small setting once (a smoke run).
-On CUDA every backend is trained, ``flex`` included (compiled FlexAttention with its block mask).
+On CUDA every backend is trained, ``flex`` included (compiled FlexAttention with its block mask); the CPU's
+inference chunking is off there (``sdpa``).
 
     python benchmarks/bench_bra.py                  # full run, a few minutes on 2 cores
     python benchmarks/bench_bra.py --device cuda    # the same on a GPU: bra_gpu.*

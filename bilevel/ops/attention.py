@@ -87,18 +87,12 @@ MATMUL_MAX_ROUTED_TOKENS = 128
 MATMUL_MIN_QUERY_TOKENS = 32
 
 
-def _flex_fits(query: Tensor, num_heads: int) -> bool:
-    from torch.utils._triton import has_triton
-    head_dim = query.shape[-1] // num_heads
-    return has_triton() and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-
-
 def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: Optional[Tensor] = None,
-                   value_channels: Optional[int] = None, num_heads: int = 1) -> str:
-    """The backend ``backend="auto"`` uses; the rule follows ``benchmarks/results/bra_cpu.md``.
+                   value_channels: Optional[int] = None) -> str:
+    """The backend ``backend="auto"`` uses; the rule follows ``benchmarks/results/bra_{cpu,gpu}.md``.
 
-    - CUDA without region_weights, with Triton and head sizes FlexAttention compiles for (powers of two,
-      at least 16): ``flex`` (block-sparse fused kernel);
+    - CUDA: ``sdpa``, the fastest backend in training at every setting measured on an H200 (fp32,
+      ``benchmarks/results/bra_gpu.md``; ``flex`` needs the least memory but was slower there);
     - small key maps routed densely (at most ``DENSE_MAX_KEY_TOKENS`` key tokens, topk covering at least
       ``DENSE_MIN_ROUTED_FRACTION`` of the regions), no region_weights: ``dense_mask`` (one large
       SDPA beats many small ones there: BiFormer-T stage 3);
@@ -108,10 +102,10 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
       ``MATMUL_MIN_QUERY_TOKENS`` queries per region: BiFormer-T stage 1 at 224 px): ``matmul``, where
       PyTorch's fused CPU kernel spends more on its 32-query blocks than on the products;
     - otherwise ``sdpa``, the fastest backend at every other measured setting, training and inference.
-    value_channels: channels of the values (default: those of the keys); num_heads: for the head size.
+    value_channels: channels of the values (default: those of the keys).
     """
-    if region_weights is None and query.device.type == "cuda" and _flex_fits(query, num_heads):
-        return "flex"
+    if query.device.type == "cuda":
+        return "sdpa"
     _, num_key_regions, key_tokens, key_channels = key.shape
     topk = indices.shape[-1]
     if (region_weights is None and num_key_regions * key_tokens <= DENSE_MAX_KEY_TOKENS
@@ -135,7 +129,7 @@ def routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
     backend: "auto" (see :func:`select_backend`) or one of :data:`ATTENTION_BACKENDS`.
     """
     if backend == "auto":
-        backend = select_backend(query, key, indices, region_weights, value.shape[-1], num_heads)
+        backend = select_backend(query, key, indices, region_weights, value.shape[-1])
     try:
         function = ATTENTION_BACKENDS[backend]
     except KeyError:

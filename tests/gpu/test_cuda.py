@@ -1,9 +1,10 @@
 """On a CUDA device: every attention backend equals the reference, outputs and gradients; ``auto`` takes
-the fused FlexAttention path; whole models agree with their reference-backend selves.
+``sdpa``; whole models agree with their reference-backend selves.
 
 The CPU suite checks the same functions on the CPU. These tests need a GPU (a lent one: see
 ``benchmarks/gpu_check.sh``) and the golden data (``BILEVEL_REFERENCE`` may point to a copy of
-``../shared/reference``). fp32 throughout, TF32 off, so the tolerances are the CPU suite's.
+``../shared/reference``). fp32 throughout, TF32 off; backends are held to a float64 reference as closely as
+the fp32 reference is (``_compare_with_reference``).
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 BACKENDS = sorted(set(ATTENTION_BACKENDS) - {"reference"})
 # (batch, query regions, key regions, query tokens, key tokens, heads, qk head dim, v head dim, topk):
-# BiFormer-T's stages at 224 px and stage 2 at 512 px, head size 32 (FlexAttention's sizes)
+# BiFormer-T's stages at 224 px and stages 1-2 at 512 px, head size 32 (FlexAttention's sizes); regions of 64 and
+# 256 tokens take flex's region-sized blocks, of 16 and 4 tokens its token-level mask
 MODEL_SHAPES = {
     "224px_stage1": (2, 49, 49, 64, 64, 2, 32, 32, 1),
     "224px_stage2": (2, 49, 49, 16, 16, 4, 32, 32, 4),
     "224px_stage3": (2, 49, 49, 4, 4, 8, 32, 32, 16),
+    "512px_stage1": (1, 64, 64, 256, 256, 2, 32, 32, 1),
     "512px_stage2": (1, 64, 64, 64, 64, 4, 32, 32, 4),
 }
 # FlexAttention compiles for head sizes that are powers of two, at least 16: the odd cases are not
@@ -61,10 +64,13 @@ def test_soft_routing_on_cuda(backend):
     _compare(backend, MODEL_SHAPES["224px_stage2"], weighted=True)
 
 
-def test_auto_takes_flex_on_cuda():
-    query, key, _, indices, weights = _random_inputs(*MODEL_SHAPES["512px_stage2"], weighted=True, device=CUDA)
-    assert select_backend(query, key, indices, num_heads=4) == "flex"
-    assert select_backend(query, key, indices, weights, num_heads=4) != "flex"   # soft routing: not flex
+def test_auto_takes_sdpa_on_cuda():
+    """The measured rule (bra_gpu.md): sdpa for every shape, plain or soft routing, inference or training."""
+    for shape in MODEL_SHAPES.values():
+        query, key, _, indices, weights = _random_inputs(*shape, weighted=True, device=CUDA)
+        assert select_backend(query, key, indices) == "sdpa"
+        assert select_backend(query, key, indices, weights) == "sdpa"
+        assert select_backend(query.requires_grad_(), key.requires_grad_(), indices) == "sdpa"
 
 
 def _assert_golden_on_cuda(module: torch.nn.Module, case: dict, golden_fill) -> None:

@@ -13,8 +13,8 @@ name           idea                                                             
 ``recompute``  custom autograd function: saves only q, k, v, output and log-sum-exp;   yes
                the routed regions are re-selected in backward, in chunks of regions
 ``dense_mask`` attention over all key tokens with a boolean region mask (small maps)   ValueError
-``flex``       FlexAttention with a block mask from the routing indices (CUDA path;    ValueError
-               forward only on CPU, where torch has no FlexAttention backward)
+``flex``       FlexAttention with a block mask from the routing indices (CUDA, least   ValueError
+               memory; forward only on CPU, where torch has no FlexAttention backward)
 =============  =====================================================================  ==============
 
 ``dense_mask`` and ``flex`` express routing as a set of allowed key regions, so they need distinct
