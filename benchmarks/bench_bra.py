@@ -43,6 +43,7 @@ from _common import (benchmark_parser, best_seconds, fastest, paired_speedup, pe
 
 from bilevel.flops import global_attention_flops, routed_attention_flops
 from bilevel.ops.attention import ATTENTION_BACKENDS, routed_attention, select_backend
+from bilevel.ops.backends.triton_fused import triton_available
 from bilevel.ops.regions import region_partition
 from bilevel.ops.routing import region_affinity, topk_routing
 
@@ -201,6 +202,8 @@ def run_setting(setting: Setting, repeats: int, budget_s: float, device: torch.d
     methods = []
     for backend in ATTENTION_BACKENDS:
         if tokens_total > MASK_MAX_TOKENS and (backend == "dense_mask" or backend == "flex" and on_cpu):
+            continue
+        if backend == "triton" and not triton_available(device):   # CUDA (or Triton's interpreter: minutes)
             continue
         cpu_flex = backend == "flex" and on_cpu
         methods.append(Method(backend, lambda q_, k_, v_, b=backend: routed_step(b, q_, k_, v_, indices, setting),

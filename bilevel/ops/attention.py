@@ -3,8 +3,9 @@
 Every query token of region ``i`` attends to all tokens of the ``topk`` regions that routing
 chose for ``i``. All backends compute the same function; ``reference`` is the readable one
 (gather, then plain softmax attention) and defines the numerics the others must match. The fast
-backends (``sdpa``, ``matmul``, ``recompute``, ``dense_mask``, ``flex``) live in :mod:`bilevel.ops.backends`;
-``backend="auto"`` picks one by device, shape and grad mode (:func:`select_backend`).
+backends (``sdpa``, ``matmul``, ``recompute``, ``dense_mask``, ``flex``, ``triton``) live in
+:mod:`bilevel.ops.backends`; ``backend="auto"`` picks one by device, shape and grad mode
+(:func:`select_backend`).
 
 Layout used throughout (channels split into heads head-major, as the official code does):
     query:   (N, Rq, Tq, H * Dqk)   region-partitioned queries

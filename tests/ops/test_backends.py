@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ from bilevel.ops.backends.flex import routed_block_mask
 from tests.conftest import golden_cases, load_case
 
 BRA_CASES = golden_cases("op", "op_bra") + golden_cases("op", "op_dbra")   # DBRA: same core, Tq != Tk
-FAST_BACKENDS = sorted(set(ATTENTION_BACKENDS) - {"reference"})
+# triton runs on CUDA, on CPU only under Triton's interpreter: triton_interpreter_cases.py, run by a test below
+FAST_BACKENDS = sorted(set(ATTENTION_BACKENDS) - {"reference", "triton"})
 TRAINABLE = [name for name in FAST_BACKENDS if name != "flex"]       # flex: no CPU backward in torch
 WEIGHTED = ["sdpa", "matmul", "recompute"]                                     # backends supporting region_weights
 
@@ -42,7 +44,7 @@ def _build_op(case: dict, backend: str, fill) -> torch.nn.Module:
 
 def test_registry_has_the_documented_backends():
     assert set(ATTENTION_BACKENDS) == {"reference", *backends.BACKENDS}
-    assert set(backends.BACKENDS) == {"sdpa", "matmul", "recompute", "dense_mask", "flex"}
+    assert set(backends.BACKENDS) == {"sdpa", "matmul", "recompute", "dense_mask", "flex", "triton"}
 
 
 @pytest.mark.parametrize("backend", [*FAST_BACKENDS, "auto"])
@@ -299,7 +301,7 @@ def test_recompute_saves_no_routed_copy():
     assert light <= 2 * inputs_bytes
 
 
-@pytest.mark.parametrize("backend", ["dense_mask", "flex"])
+@pytest.mark.parametrize("backend", ["dense_mask", "flex", "triton"])
 def test_backends_without_soft_routing_refuse_region_weights(backend):
     query, key, value, indices, weights = _random_inputs(*ODD_CASES["tq_ne_tk"], weighted=True)
     with torch.no_grad(), pytest.raises(ValueError, match="region_weights"):
@@ -312,6 +314,25 @@ def test_mask_backends_refuse_repeated_indices(backend):
     indices[0, 0, 1] = indices[0, 0, 0]
     with torch.no_grad(), pytest.raises(ValueError, match="distinct"):
         routed_attention(query, key, value, indices, 0.5, 2, backend=backend)
+
+
+def test_triton_kernels_match_reference_in_the_interpreter():
+    """The Triton kernels, run by Triton's CPU interpreter in a fresh process (the variable must be set before
+    Triton is imported): outputs and gradients of odd cases, strided inputs and the golden op cases."""
+    cases = Path(__file__).with_name("triton_interpreter_cases.py")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+def test_triton_refuses_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    query, key, value, indices, _ = _random_inputs(*ODD_CASES["tq_ne_tk"])
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        routed_attention(query, key, value, indices, 0.5, 2, backend="triton")
 
 
 def test_flex_refuses_backward_on_cpu():
@@ -358,7 +379,7 @@ def test_benchmark_quick_mode(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bra_quick.json").read_text())
     methods = {row["method"] for row in report["rows"]}
-    assert methods == {*ATTENTION_BACKENDS, "auto", "dense SDPA", "window SDPA"}
+    assert methods == {*FAST_BACKENDS, "reference", "auto", "dense SDPA", "window SDPA"}   # triton: no CUDA here
     assert report["meta"]["threads"] == torch.get_num_threads() and report["meta"]["torch"] == torch.__version__
     assert (tmp_path / "bra_quick.md").read_text().count("| quick 14px |") == len(methods)
     assert (tmp_path / "bra_quick.png").stat().st_size > 0

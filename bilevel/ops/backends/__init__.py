@@ -15,6 +15,8 @@ name           idea                                                             
 ``dense_mask`` attention over all key tokens with a boolean region mask (small maps)   ValueError
 ``flex``       FlexAttention with a block mask from the routing indices (CUDA, least   ValueError
                memory; forward only on CPU, where torch has no FlexAttention backward)
+``triton``     one Triton kernel per pass: the routed regions read in place inside an  ValueError
+               online-softmax attention (CUDA; CPU only under Triton's interpreter)
 =============  =====================================================================  ==============
 
 ``dense_mask`` and ``flex`` express routing as a set of allowed key regions, so they need distinct
@@ -25,6 +27,7 @@ from .flex import flex_routed_attention
 from .matmul import matmul_routed_attention
 from .recompute import recompute_routed_attention
 from .sdpa import sdpa_routed_attention
+from .triton_fused import triton_routed_attention
 
 BACKENDS = {
     "sdpa": sdpa_routed_attention,
@@ -32,7 +35,8 @@ BACKENDS = {
     "recompute": recompute_routed_attention,
     "dense_mask": dense_mask_routed_attention,
     "flex": flex_routed_attention,
+    "triton": triton_routed_attention,
 }
 
 __all__ = ["BACKENDS", "sdpa_routed_attention", "matmul_routed_attention", "recompute_routed_attention",
-           "dense_mask_routed_attention", "flex_routed_attention"]
+           "dense_mask_routed_attention", "flex_routed_attention", "triton_routed_attention"]
