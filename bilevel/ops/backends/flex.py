@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from ..attention import merge_heads, split_heads, tracks_gradients
 from ._select import check_shapes, region_mask
 
-__all__ = ["flex_routed_attention", "routed_block_mask", "region_blocks_fit", "REGION_BLOCK_MULTIPLE"]
+__all__ = ["flex_routed_attention", "routed_block_mask", "REGION_BLOCK_MULTIPLE"]
 
 #: region-sized mask blocks need regions of a multiple of this many tokens: the compiled kernels' tiles
 #: (64 rows and columns in torch's default CUDA configurations) must divide the mask's blocks
@@ -42,7 +42,7 @@ def _compiled_flex_attention() -> Callable[..., Tensor]:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def region_blocks_fit(query_tokens: int, key_tokens: int) -> bool:
+def _region_blocks_fit(query_tokens: int, key_tokens: int) -> bool:
     """True when the block mask can have one block per region (see ``REGION_BLOCK_MULTIPLE``)."""
     return query_tokens % REGION_BLOCK_MULTIPLE == 0 and key_tokens % REGION_BLOCK_MULTIPLE == 0
 
@@ -75,7 +75,7 @@ def routed_block_mask(indices: Tensor, num_key_regions: int, query_tokens: int, 
         return allowed[batch, query_index // query_tokens, key_index // key_tokens]
 
     n, num_queries, _ = indices.shape
-    if region_blocks_fit(query_tokens, key_tokens):
+    if _region_blocks_fit(query_tokens, key_tokens):
         key_counts, key_lists = _listed_first(allowed)
         query_counts, query_lists = _listed_first(allowed.transpose(1, 2))
         # no partial blocks (empty lists); routed is the mask_mod too: the compiled kernel never calls it on
