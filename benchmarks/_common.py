@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -105,32 +106,36 @@ def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, budget_s
     run (at least ``MIN_RUN_S``). Each following round times every step once, in order, so that a change
     of machine load touches the steps of a round alike. A step whose timed runs took ``budget_s`` sits out
     the rounds after the second (None there). On CUDA every run ends with a synchronisation. ``progress``
-    prints a line per finished round to stderr.
+    shows a tqdm bar on stderr, one tick per step run, named by round and step.
     """
+    bar = tqdm(total=len(steps) * (rounds + 1), disable=not progress, file=sys.stderr, unit="step", leave=False)
     calls = {}
     for name, step in steps.items():
+        bar.set_description(f"warm-up: {name}")
         step()
         synchronize(device)
         tick = time.perf_counter()
         step()
         synchronize(device)
         calls[name] = max(1, math.ceil(MIN_RUN_S / max(time.perf_counter() - tick, 1e-6)))
+        bar.update()
     times: dict[str, list[Optional[float]]] = {name: [] for name in steps}
     spent = dict.fromkeys(steps, 0.0)
     for round_index in range(rounds):
         for name, step in steps.items():
+            bar.set_description(f"round {round_index + 1}/{rounds}: {name}")
             if round_index >= 2 and spent[name] > budget_s:
                 times[name].append(None)
-                continue
-            tick = time.perf_counter()
-            for _ in range(calls[name]):
-                step()
-            synchronize(device)
-            elapsed = time.perf_counter() - tick
-            spent[name] += elapsed
-            times[name].append(elapsed / calls[name])
-        if progress:
-            print(f"round {round_index + 1}/{rounds} done", file=sys.stderr, flush=True)
+            else:
+                tick = time.perf_counter()
+                for _ in range(calls[name]):
+                    step()
+                synchronize(device)
+                elapsed = time.perf_counter() - tick
+                spent[name] += elapsed
+                times[name].append(elapsed / calls[name])
+            bar.update()
+    bar.close()
     return times
 
 

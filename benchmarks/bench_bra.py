@@ -177,7 +177,7 @@ def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeat
         steps[f"{method.name} forward"] = forward_no_grad
         if method.trainable:
             trains[method.name] = steps[f"{method.name} train"] = training_step(method.make_step, q, k, v)
-    times = time_round_robin(steps, repeats, budget_s, device)
+    times = time_round_robin(steps, repeats, budget_s, device, progress=True)
     rows = []
     for method in methods:
         forward_runs = times[f"{method.name} forward"]

@@ -147,7 +147,7 @@ def compare(operator: str, stage: int, module: nn.Module, x: torch.Tensor, repea
         with numerics(module), torch.no_grad():
             torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=1e-4)
         steps[f"{method} forward"], steps[f"{method} train"] = steps_of(module, numerics, x)
-    times = time_round_robin(steps, repeats, budget_s)
+    times = time_round_robin(steps, repeats, budget_s, progress=True)
     rows = []
     for method in methods:
         forward_runs, train_runs = times[f"{method} forward"], times[f"{method} train"]

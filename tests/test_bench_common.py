@@ -37,3 +37,12 @@ def test_round_robin_step_over_budget_sits_out_after_two_rounds(common, monkeypa
     monkeypatch.setattr(common, "MIN_RUN_S", 0.0)
     times = common.time_round_robin({"slow": lambda: None}, rounds=4, budget_s=0.0)
     assert all(isinstance(t, float) for t in times["slow"][:2]) and times["slow"][2:] == [None, None]
+
+
+def test_round_robin_progress_names_rounds_and_steps(common, monkeypatch, capsys):
+    monkeypatch.setattr(common, "MIN_RUN_S", 0.0)
+    common.time_round_robin({"model_a": lambda: None, "model_b": lambda: None}, rounds=2, progress=True)
+    shown = capsys.readouterr().err
+    assert "warm-up: model_a" in shown and "round 2/2: model_b" in shown and "/6" in shown
+    common.time_round_robin({"model_a": lambda: None}, rounds=1)
+    assert capsys.readouterr().err == ""
