@@ -164,6 +164,23 @@ def test_inference_in_chunks_of_query_regions(shape, weighted, backend, monkeypa
     assert len(selections) == 2 * -(-shape[0] * shape[1] // 2)      # keys and values, chunk by chunk
 
 
+@pytest.mark.parametrize("limit, calls", [(None, 2), (2, 18)], ids=["one_call", "memory_bound_chunks"])
+def test_sdpa_off_cpu_chunks_only_for_memory(monkeypatch, limit, calls):
+    """Off CPU (meta tensors stand in for a GPU) the CPU's cache-sized chunks are off; DEVICE_CHUNK_BYTES
+    (here room for ``limit`` query regions) still bounds the routed copy."""
+    shape = ODD_CASES["non_square_grid"]
+    query, key, value, indices, _ = (t if t is None else t.detach().to("meta") for t in _random_inputs(*shape))
+    per_region = shape[8] * key.shape[2] * (key.shape[-1] + value.shape[-1]) * key.element_size()
+    monkeypatch.setattr(backends.sdpa, "CHUNK_BYTES", per_region)          # one region per chunk on CPU
+    if limit is not None:
+        monkeypatch.setattr(backends.sdpa, "DEVICE_CHUNK_BYTES", limit * per_region)
+    selections = []
+    monkeypatch.setattr(_select, "select_regions", lambda *args: selections.append(args) or select_regions(*args))
+    out = routed_attention(query, key, value, indices, 0.3, shape[5], backend="sdpa")
+    assert out.shape == (*shape[:2], shape[3], shape[5] * shape[7]) and out.device.type == "meta"
+    assert len(selections) == calls                    # keys and values per chunk: 18 query regions in 1 or 9
+
+
 def test_matmul_inference_compiles_to_one_graph():
     """The chunk loop with its reused buffers traces into one graph (auto picks matmul for this op)."""
     op = bilevel.create_op("BiLevelRoutingAttention", dim=16, num_heads=2, n_win=3, topk=1).eval()

@@ -7,8 +7,9 @@ whose backward is a slow scatter into that view. Here each routed region is copi
 
 Without autograd on CPU the query regions go in chunks whose routed copy is at most ``CHUNK_BYTES``: the
 copy then stays in cache and reuses freed memory, where one large copy costs a page fault per 4 KiB (at
-1024 px, stage 2 of BiFormer-T, chunking halves the time). On a GPU the chunks' launches cost more than
-they save (twice the time at 1024 px, stage 2, on an H200), so it attends in one call.
+1024 px, stage 2 of BiFormer-T, chunking halves the time). On a GPU cache-sized chunks cost more launches
+than they save (twice the time at 1024 px, stage 2, on an H200): there chunks only bound the routed copy's
+memory, at ``DEVICE_CHUNK_BYTES``.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from torch import Tensor
 from ..attention import merge_heads, split_heads, tracks_gradients
 from ._select import check_shapes, flat_region_indices, select_routed, unit_channel_stride
 
-__all__ = ["sdpa_routed_attention", "CHUNK_BYTES"]
+__all__ = ["sdpa_routed_attention", "CHUNK_BYTES", "DEVICE_CHUNK_BYTES"]
 
-#: inference: the routed key and value copy of one chunk of query regions holds at most this many bytes
+#: inference on CPU: the routed key and value copy of one chunk of query regions holds at most this many bytes
 CHUNK_BYTES = 4 * 2 ** 20
+#: inference on other devices (GPU): the same bound, for memory only
+DEVICE_CHUNK_BYTES = 512 * 2 ** 20
 
 
 def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float, num_heads: int,
@@ -46,9 +49,8 @@ def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
 
     batch = n * num_queries
     region_bytes = topk * key.shape[2] * (key.shape[-1] + value.shape[-1]) * key.element_size()
-    step = max(1, CHUNK_BYTES // region_bytes)
-    if (step >= batch or query.device.type != "cpu" or torch.compiler.is_compiling()
-            or tracks_gradients(query, key, value, region_weights)):
+    step = max(1, (CHUNK_BYTES if query.device.type == "cpu" else DEVICE_CHUNK_BYTES) // region_bytes)
+    if step >= batch or torch.compiler.is_compiling() or tracks_gradients(query, key, value, region_weights):
         return attend(0, batch).reshape(n, num_queries, query_tokens, -1)
     out = query.new_empty(batch, query_tokens, value.shape[-1])
     for first in range(0, batch, step):
