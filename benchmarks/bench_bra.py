@@ -47,6 +47,7 @@ from bilevel.ops.backends.triton_fused import triton_available
 from bilevel.ops.regions import region_partition
 from bilevel.ops.routing import region_affinity, topk_routing
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: dense SDPA over all tokens is skipped above this many tokens (minutes per run) ...
 DENSE_MAX_TOKENS = 16384
 #: ... and dense_mask and flex (eager on CPU: both hold the full token-by-token matrix) above this many
@@ -91,9 +92,10 @@ class Row:
     train_runs: Optional[list] = None
 
 
-def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """The device's fp32 matmul rate (TF32 stays off, as in the attention measured)."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32
+                  ) -> float:
+    """The device's matmul rate in ``dtype`` (fp32: TF32 stays off, as in the attention measured)."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
 
     def product() -> None:
         a @ b
@@ -101,11 +103,13 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
     return 2 * size ** 3 / best_seconds(product, repeats, 5.0) / 1e9
 
 
-def make_inputs(setting: Setting, generator: torch.Generator, device: torch.device = torch.device("cpu")):
-    """Region-partitioned q, k, v (N, S², T, C) and top-k indices (N, S², topk) of a random map, on ``device``."""
+def make_inputs(setting: Setting, generator: torch.Generator, device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32):
+    """Region-partitioned q, k, v (N, S², T, C) in ``dtype`` and top-k indices (N, S², topk) of a random map,
+    on ``device``."""
     shape = (setting.batch, setting.size, setting.size, setting.dim)
     grid = (setting.n_win, setting.n_win)
-    q, k, v = (region_partition(torch.randn(shape, generator=generator).to(device), grid).contiguous()
+    q, k, v = (region_partition(torch.randn(shape, generator=generator).to(device, dtype), grid).contiguous()
                for _ in range(3))
     indices = topk_routing(region_affinity(q.mean(dim=2), k.mean(dim=2)), setting.topk).indices
     return q, k, v, indices
@@ -193,8 +197,9 @@ def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeat
     return rows
 
 
-def run_setting(setting: Setting, repeats: int, budget_s: float, device: torch.device) -> list[Row]:
-    q, k, v, indices = make_inputs(setting, torch.Generator().manual_seed(0), device)
+def run_setting(setting: Setting, repeats: int, budget_s: float, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> list[Row]:
+    q, k, v, indices = make_inputs(setting, torch.Generator().manual_seed(0), device, dtype)
     on_cpu = device.type == "cpu"
     n, regions, tokens, channels = q.shape
     tokens_total = regions * tokens
@@ -249,7 +254,8 @@ def markdown(table: list[dict], meta: dict) -> str:
     lines = [f"# BRA attention core benchmark ({meta['tag']})", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}",
              f"- torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}",
-             f"- device: {meta['device']}; fp32 matmul rate: {meta['matmul_gflops']:.0f} GFLOP/s, the fastest of "
+             f"- device: {meta['device']}; {meta['dtype']} matmul rate: {meta['matmul_gflops']:.0f} GFLOP/s, the "
+             "fastest of "
              f"{len(meta['matmul_gflops_measured'])} measurements, one before each setting "
              f"({min(meta['matmul_gflops_measured']):.0f}–{max(meta['matmul_gflops_measured']):.0f})",
              "- peak memory: growth over forward+backward (inputs excluded; CPU: VmHWM, CUDA: peak allocated); "
@@ -301,18 +307,22 @@ def plot(table: list[dict], meta: dict, path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> Path:
     parser = benchmark_parser(__doc__, "bra_<tag>.md/.json/.png", 9, "timed rounds (after a warm-up round)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: results bra_gpu.* on CUDA")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="of q, k and v (default float32); another adds its name to the tag (bra_gpu_bfloat16.*)")
     args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA device")
     full_tag = "gpu" if device.type == "cuda" else "cpu"
     settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, full_tag)
+    tag += "" if dtype == torch.float32 else f"_{args.dtype}"
     torch.manual_seed(0)
-    meta = {"tag": tag, **run_metadata("bench_bra.py", argv), "device": str(device)}
+    meta = {"tag": tag, **run_metadata("bench_bra.py", argv), "device": str(device), "dtype": args.dtype}
     rows, rates = [], []
     for setting in settings:
-        rates.append(matmul_gflops(device, 512 if args.quick else 2048, repeats=repeats))
-        rows.extend(run_setting(setting, repeats, args.budget, device))
+        rates.append(matmul_gflops(device, 512 if args.quick else 2048, repeats=repeats, dtype=dtype))
+        rows.extend(run_setting(setting, repeats, args.budget, device, dtype))
         print(f"done: {setting.name} batch {setting.batch}", flush=True)
     # the matmul rate is measured before every setting; the fastest one is the reference (a slow
     # measurement under a moment's load would flatter every "% of matmul" figure)

@@ -129,7 +129,8 @@ def _compare_with_reference(backend, shape, weighted, device=torch.device("cpu")
     for name, got, want, anchor in zip(names, actual, expected, exact):
         bound = 4 * (want.double() - anchor).abs().max().item() + 1e-6
         error = (got.double() - anchor).abs().max().item()
-        assert error <= bound, f"{name}: {backend} is {error:.2e} from float64, the fp32 reference {(bound - 1e-6) / 4:.2e}"
+        assert error <= bound, (f"{name}: {backend} is {error:.2e} from float64, "
+                                f"the fp32 reference {(bound - 1e-6) / 4:.2e}")
 
 
 @pytest.mark.parametrize("backend", [*TRAINABLE, "auto"])
@@ -389,14 +390,17 @@ def test_auto_rule(monkeypatch):
         assert select_backend(stage2[0], stage2[1], stage2[3]) == "sdpa"
 
 
-def test_benchmark_quick_mode(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_benchmark_quick_mode(tmp_path, dtype):
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_bra.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(script), "--quick", "--dtype", dtype, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "bra_quick.json").read_text())
+    stem = tmp_path / ("bra_quick" if dtype == "float32" else f"bra_quick_{dtype}")
+    report = json.loads(stem.with_suffix(".json").read_text())
     methods = {row["method"] for row in report["rows"]}
     assert methods == {*FAST_BACKENDS, "reference", "auto", "dense SDPA", "window SDPA"}   # triton: no CUDA here
     assert report["meta"]["threads"] == torch.get_num_threads() and report["meta"]["torch"] == torch.__version__
-    assert (tmp_path / "bra_quick.md").read_text().count("| quick 14px |") == len(methods)
-    assert (tmp_path / "bra_quick.png").stat().st_size > 0
+    assert report["meta"]["dtype"] == dtype
+    assert stem.with_suffix(".md").read_text().count("| quick 14px |") == len(methods)
+    assert stem.with_suffix(".png").stat().st_size > 0

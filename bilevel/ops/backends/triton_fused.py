@@ -91,8 +91,8 @@ class _RoutedAttention(torch.autograd.Function):
         _kernels().routed_backward_kernel[grid](
             query, key, value, indices, grad_out, lse, delta, grad_query, grad_key, grad_value, ctx.scale,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *indices.stride(),
-            *grad_query.stride(), *grad_key.stride(), *grad_value.stride(), num_queries, heads, query_tokens, key.shape[2], indices.shape[-1],
-            channels // heads, value.shape[-1] // heads, **ctx.blocks)
+            *grad_query.stride(), *grad_key.stride(), *grad_value.stride(), num_queries, heads, query_tokens,
+            key.shape[2], indices.shape[-1], channels // heads, value.shape[-1] // heads, **ctx.blocks)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None
 
 
