@@ -166,13 +166,29 @@ def training_step(make_step: Callable, q, k, v) -> Callable[[], None]:
     return train
 
 
+def _first_call_failure(method: Method, q, k, v) -> str:
+    """'' when a forward (and, if trainable, a forward+backward) of ``method`` runs, else the error, briefly."""
+    try:
+        with torch.no_grad():
+            method.make_step(q, k, v)()
+        if method.trainable:
+            training_step(method.make_step, q, k, v)()
+    except Exception as error:  # noqa: BLE001 - any failure of a method is reported in its row
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:100]}" if str(error) else type(error).__name__
+    return ""
+
+
 def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeats: int, budget_s: float
                         ) -> list[Row]:
     """Forward and forward+backward times of every method, round-robin (:func:`time_round_robin`), then
-    each method's peak memory of forward+backward."""
+    each method's peak memory of forward+backward. A method whose first call fails gets a row saying so
+    instead of crashing the run (a lent GPU's minutes are few)."""
     device = q.device
+    failures = {method.name: _first_call_failure(method, q, k, v) for method in methods}
     steps, trains = {}, {}
     for method in methods:
+        if failures[method.name]:
+            continue
         forward = method.make_step(q, k, v)
 
         def forward_no_grad(forward=forward) -> None:
@@ -184,6 +200,10 @@ def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeat
     times = time_round_robin(steps, repeats, budget_s, device, progress=True)
     rows = []
     for method in methods:
+        if failures[method.name]:
+            rows.append(Row(setting.name, setting.batch, method.name, None, None, None, None, None,
+                            f"failed: {failures[method.name]}"))
+            continue
         forward_runs = times[f"{method.name} forward"]
         train_runs = times.get(f"{method.name} train")
         train = trains.get(method.name)
@@ -237,7 +257,8 @@ def summarize(rows: list[Row], matmul_rate: float) -> list[dict]:
     for row in rows:
         ref = reference[(row.setting, row.batch)]
         table.append({**asdict(row),
-                      "forward_speedup": paired_speedup(ref.forward_runs, row.forward_runs),
+                      "forward_speedup": (paired_speedup(ref.forward_runs, row.forward_runs)
+                                          if ref.forward_runs and row.forward_runs else None),
                       "train_speedup": (paired_speedup(ref.train_runs, row.train_runs)
                                         if ref.train_runs and row.train_runs else None),
                       "memory_reduction": _ratio(ref.peak_mib, row.peak_mib),

@@ -404,3 +404,17 @@ def test_benchmark_quick_mode(tmp_path, dtype):
     assert report["meta"]["dtype"] == dtype
     assert stem.with_suffix(".md").read_text().count("| quick 14px |") == len(methods)
     assert stem.with_suffix(".png").stat().st_size > 0
+
+
+def test_benchmark_reports_a_failing_method_and_times_the_rest(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_bra
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure\nsecond line")
+    monkeypatch.setitem(attention.ATTENTION_BACKENDS, "matmul", broken)
+    rows = {row.method: row for row in bench_bra.run_setting(bench_bra.QUICK_SETTINGS[0], 1, 1.0, torch.device("cpu"))}
+    assert rows["matmul"].note == "failed: RuntimeError: planted failure" and rows["matmul"].forward_ms is None
+    assert rows["sdpa"].forward_ms > 0 and rows["sdpa"].train_ms > 0
+    table = {row["method"]: row for row in bench_bra.summarize(list(rows.values()), 100.0)}
+    assert table["matmul"]["forward_speedup"] is None and table["sdpa"]["forward_speedup"] > 0
