@@ -18,11 +18,13 @@ from tests.conftest import load_case
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see the module docstring)"
 
 # (batch, query regions, key regions, query tokens, key tokens, heads, qk head dim, v head dim, topk):
-# one full 64-token tile; 256-token regions in 4 x 4 tiles per region pair; BiFormer-T stage 2's regions
+# one full 64-token tile; 256-token regions in 4 x 4 tiles per region pair; BiFormer-T stage 2's regions;
+# two tiles with a partial last one on both sides (100 queries, 70 keys) and head sizes of no power of two
 TILED_CASES = {
     "one_tile": (1, 4, 4, 64, 64, 2, 32, 32, 1),
     "four_tiles": (1, 3, 3, 256, 256, 1, 16, 16, 1),
     "stage2_regions": (2, 9, 9, 16, 16, 4, 32, 32, 4),
+    "partial_tiles": (1, 2, 3, 100, 70, 1, 48, 24, 2),
 }
 
 
