@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["flat_region_indices", "select_regions", "select_routed", "region_mask", "check_shapes",
-           "unit_channel_stride"]
+           "refuse_region_weights", "unit_channel_stride"]
 
 
 def check_shapes(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, num_heads: int,
@@ -28,6 +28,13 @@ def check_shapes(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, num
     if region_weights is not None and region_weights.shape != indices.shape:
         raise ValueError(f"{backend}: region_weights {tuple(region_weights.shape)} must have the shape of "
                          f"indices {tuple(indices.shape)}")
+
+
+def refuse_region_weights(region_weights: Optional[Tensor], backend: str) -> None:
+    """Raise ValueError for the backends that attend over a set of allowed regions (no per-region factors)."""
+    if region_weights is not None:
+        raise ValueError(f"{backend}: region_weights (soft routing) are not supported; use backend 'sdpa' or "
+                         "'recompute' (backend='auto' does so)")
 
 
 def unit_channel_stride(x: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import merge_heads, split_heads
-from ._select import check_shapes, region_mask, unit_channel_stride
+from ._select import check_shapes, refuse_region_weights, region_mask, unit_channel_stride
 
 __all__ = ["dense_mask_routed_attention", "token_mask"]
 
@@ -28,9 +28,7 @@ def dense_mask_routed_attention(query: Tensor, key: Tensor, value: Tensor, indic
                                 num_heads: int, region_weights: Optional[Tensor] = None) -> Tensor:
     """Same function as ``reference_routed_attention`` (distinct indices, no region_weights)."""
     check_shapes(query, key, value, indices, num_heads, region_weights, "dense_mask")
-    if region_weights is not None:
-        raise ValueError("dense_mask: region_weights (soft routing) are not supported; use backend 'sdpa' or "
-                         "'recompute' (backend='auto' does so)")
+    refuse_region_weights(region_weights, "dense_mask")
     n, num_queries, query_tokens, _ = query.shape
     num_key_regions, key_tokens = key.shape[1], key.shape[2]
     mask = token_mask(indices, num_key_regions, query_tokens, key_tokens, "dense_mask")

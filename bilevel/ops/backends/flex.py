@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ..attention import merge_heads, split_heads, tracks_gradients
-from ._select import check_shapes, region_mask
+from ._select import check_shapes, refuse_region_weights, region_mask
 
 __all__ = ["flex_routed_attention", "routed_block_mask", "REGION_BLOCK_MULTIPLE"]
 
@@ -95,9 +95,7 @@ def flex_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
                           num_heads: int, region_weights: Optional[Tensor] = None) -> Tensor:
     """Same function as ``reference_routed_attention`` (distinct indices, no region_weights)."""
     check_shapes(query, key, value, indices, num_heads, region_weights, "flex")
-    if region_weights is not None:
-        raise ValueError("flex: region_weights (soft routing) are not supported; use backend 'sdpa' or "
-                         "'recompute' (backend='auto' does so)")
+    refuse_region_weights(region_weights, "flex")
     on_cpu = query.device.type == "cpu"
     if on_cpu and tracks_gradients(query, key, value):
         raise ValueError("flex: torch has no FlexAttention backward on CPU; use backend 'recompute' or 'sdpa' "

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._select import check_shapes
+from ._select import check_shapes, refuse_region_weights
 
 __all__ = ["triton_routed_attention", "triton_available"]
 
@@ -100,9 +100,7 @@ def triton_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: 
                             num_heads: int, region_weights: Optional[Tensor] = None) -> Tensor:
     """Same function as ``reference_routed_attention`` (no region_weights)."""
     check_shapes(query, key, value, indices, num_heads, region_weights, "triton")
-    if region_weights is not None:
-        raise ValueError("triton: region_weights (soft routing) are not supported; use backend 'sdpa' or "
-                         "'recompute' (backend='auto' does so)")
+    refuse_region_weights(region_weights, "triton")
     if not triton_available(query.device):
         raise ValueError(f"triton: needs a CUDA device with Triton (got {query.device}); on CPU only under "
                          "Triton's interpreter (TRITON_INTERPRET=1), for checking")
