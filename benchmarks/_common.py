@@ -97,32 +97,48 @@ def best_seconds(step: Callable[[], None], repeats: int, budget_s: float) -> flo
     return min(times)
 
 
+def failure_text(error: BaseException) -> str:
+    """An error in a table cell: its type and the start of its message's first line."""
+    message = str(error).splitlines()[0][:100] if str(error) else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, budget_s: float = math.inf,
-                     device: torch.device = torch.device("cpu"), progress: bool = False
-                     ) -> dict[str, list[Optional[float]]]:
+                     device: torch.device = torch.device("cpu"), progress: bool = False,
+                     failures: Optional[dict[str, str]] = None) -> dict[str, list[Optional[float]]]:
     """Seconds per call of every step, round by round: ``{name: [round 1, ..., round R]}``.
 
     A warm-up round runs every step (compiling what is compiled) and sets how many calls make one timed
     run (at least ``MIN_RUN_S``). Each following round times every step once, in order, so that a change
     of machine load touches the steps of a round alike. A step whose timed runs took ``budget_s`` sits out
     the rounds after the second (None there). On CUDA every run ends with a synchronisation. ``progress``
-    shows a tqdm bar on stderr, one tick per step run, named by round and step.
+    shows a tqdm bar on stderr, one tick per step run, named by round and step. ``failures``: when given, a
+    step whose warm-up raises is left out of the rounds (and of the result) and its :func:`failure_text`
+    recorded there under its name, so one failing method does not end a run; otherwise the error propagates.
     """
     bar = tqdm(total=len(steps) * (rounds + 1), disable=not progress, file=sys.stderr, unit="step", leave=False)
     calls = {}
     for name, step in steps.items():
         bar.set_description(f"warm-up: {name}")
-        step()
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 - reported to the caller when it asked for failures
+            if failures is None:
+                raise
+            failures[name] = failure_text(error)
+            bar.update(rounds + 1)
+            continue
         synchronize(device)
         tick = time.perf_counter()
         step()
         synchronize(device)
         calls[name] = max(1, math.ceil(MIN_RUN_S / max(time.perf_counter() - tick, 1e-6)))
         bar.update()
-    times: dict[str, list[Optional[float]]] = {name: [] for name in steps}
-    spent = dict.fromkeys(steps, 0.0)
+    timed = {name: step for name, step in steps.items() if name in calls}
+    times: dict[str, list[Optional[float]]] = {name: [] for name in timed}
+    spent = dict.fromkeys(timed, 0.0)
     for round_index in range(rounds):
-        for name, step in steps.items():
+        for name, step in timed.items():
             bar.set_description(f"round {round_index + 1}/{rounds}: {name}")
             if round_index >= 2 and spent[name] > budget_s:
                 times[name].append(None)

@@ -166,29 +166,14 @@ def training_step(make_step: Callable, q, k, v) -> Callable[[], None]:
     return train
 
 
-def _first_call_failure(method: Method, q, k, v) -> str:
-    """'' when a forward (and, if trainable, a forward+backward) of ``method`` runs, else the error, briefly."""
-    try:
-        with torch.no_grad():
-            method.make_step(q, k, v)()
-        if method.trainable:
-            training_step(method.make_step, q, k, v)()
-    except Exception as error:  # noqa: BLE001 - any failure of a method is reported in its row
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:100]}" if str(error) else type(error).__name__
-    return ""
-
-
 def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeats: int, budget_s: float
                         ) -> list[Row]:
     """Forward and forward+backward times of every method, round-robin (:func:`time_round_robin`), then
-    each method's peak memory of forward+backward. A method whose first call fails gets a row saying so
-    instead of crashing the run (a lent GPU's minutes are few)."""
+    each method's peak memory of forward+backward. A method whose forward or forward+backward fails gets a
+    row saying so instead of crashing the run (a lent GPU's minutes are few)."""
     device = q.device
-    failures = {method.name: _first_call_failure(method, q, k, v) for method in methods}
     steps, trains = {}, {}
     for method in methods:
-        if failures[method.name]:
-            continue
         forward = method.make_step(q, k, v)
 
         def forward_no_grad(forward=forward) -> None:
@@ -197,12 +182,14 @@ def measure_round_robin(setting: Setting, methods: list[Method], q, k, v, repeat
         steps[f"{method.name} forward"] = forward_no_grad
         if method.trainable:
             trains[method.name] = steps[f"{method.name} train"] = training_step(method.make_step, q, k, v)
-    times = time_round_robin(steps, repeats, budget_s, device, progress=True)
+    failures = {}
+    times = time_round_robin(steps, repeats, budget_s, device, progress=True, failures=failures)
     rows = []
     for method in methods:
-        if failures[method.name]:
+        failure = failures.get(f"{method.name} forward") or failures.get(f"{method.name} train")
+        if failure:
             rows.append(Row(setting.name, setting.batch, method.name, None, None, None, None, None,
-                            f"failed: {failures[method.name]}"))
+                            f"failed: {failure}"))
             continue
         forward_runs = times[f"{method.name} forward"]
         train_runs = times.get(f"{method.name} train")

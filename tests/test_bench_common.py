@@ -46,3 +46,17 @@ def test_round_robin_progress_names_rounds_and_steps(common, monkeypatch, capsys
     assert "warm-up: model_a" in shown and "round 2/2: model_b" in shown and "/6" in shown
     common.time_round_robin({"model_a": lambda: None}, rounds=1)
     assert capsys.readouterr().err == ""
+
+
+def test_round_robin_reports_a_failing_step_when_asked(common, monkeypatch):
+    monkeypatch.setattr(common, "MIN_RUN_S", 0.0)
+
+    def broken():
+        raise RuntimeError("planted failure\nsecond line")
+    steps = {"fine": lambda: None, "broken": broken}
+    failures = {}
+    times = common.time_round_robin(steps, rounds=2, failures=failures)
+    assert failures == {"broken": "RuntimeError: planted failure"}
+    assert list(times) == ["fine"] and len(times["fine"]) == 2
+    with pytest.raises(RuntimeError, match="planted"):
+        common.time_round_robin(steps, rounds=2)
