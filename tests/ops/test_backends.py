@@ -149,7 +149,8 @@ def test_random_odd_cases_with_region_weights(backend, shape):
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "region_weights"])
 @pytest.mark.parametrize("shape", ODD_CASES.values(), ids=ODD_CASES.keys())
 def test_inference_in_chunks_of_query_regions(shape, weighted, backend, monkeypatch):
-    """Without autograd sdpa and matmul attend chunk by chunk: here 2 query regions per chunk, the last shorter."""
+    """Without autograd sdpa and matmul attend chunk by chunk: here 2 query regions per chunk, the last shorter;
+    every chunk's routed keys (values) are copied into one buffer allocated per call."""
     query, key, value, indices, weights = _random_inputs(*shape, weighted=weighted)
     heads, scale, topk = shape[5], shape[6] ** -0.5, shape[8]
     routed_tokens = topk * key.shape[2]
@@ -157,12 +158,20 @@ def test_inference_in_chunks_of_query_regions(shape, weighted, backend, monkeypa
     module = getattr(backends, backend)
     monkeypatch.setattr(module, "CHUNK_BYTES", 2 * per_region * key.element_size())
     selections = []
-    monkeypatch.setattr(_select, "select_regions", lambda *args: selections.append(args) or select_regions(*args))
+    buffers = []
+
+    def recording(*args, **kwargs):
+        selections.append(args)
+        buffers.append(kwargs["out"])
+        return select_regions(*args, **kwargs)
+
+    monkeypatch.setattr(_select, "select_regions", recording)
     with torch.no_grad():
         expected = reference_routed_attention(query, key, value, indices, scale, heads, region_weights=weights)
         out = routed_attention(query, key, value, indices, scale, heads, region_weights=weights, backend=backend)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert len(selections) == 2 * -(-shape[0] * shape[1] // 2)      # keys and values, chunk by chunk
+    assert len({buffer.data_ptr() for buffer in buffers}) == 2 and len(buffers) == len(selections)
 
 
 @pytest.mark.parametrize("limit, calls", [(None, 2), (2, 18)], ids=["one_call", "memory_bound_chunks"])
@@ -176,7 +185,7 @@ def test_sdpa_off_cpu_chunks_only_for_memory(monkeypatch, limit, calls):
     if limit is not None:
         monkeypatch.setattr(backends.sdpa, "DEVICE_CHUNK_BYTES", limit * per_region)
     selections = []
-    monkeypatch.setattr(_select, "select_regions", lambda *args: selections.append(args) or select_regions(*args))
+    monkeypatch.setattr(_select, "select_regions", lambda *args, **kwargs: selections.append(args) or select_regions(*args, **kwargs))
     out = routed_attention(query, key, value, indices, 0.3, shape[5], backend="sdpa")
     assert out.shape == (*shape[:2], shape[3], shape[5] * shape[7]) and out.device.type == "meta"
     assert len(selections) == calls                    # keys and values per chunk: 18 query regions in 1 or 9

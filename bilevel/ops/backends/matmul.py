@@ -8,7 +8,8 @@ costs more than the products themselves. Two batched BLAS calls per head are fas
 read and written in place: no head-major copies and no merge copy.
 
 Without autograd the query regions go in chunks whose routed copy and score matrix together hold at
-most ``CHUNK_BYTES`` (they then stay in cache), and one score buffer is reused by every head.
+most ``CHUNK_BYTES`` (they then stay in cache); their buffers are allocated once per call, and one score
+buffer is reused by every head.
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def matmul_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: 
     weights = None if region_weights is None else region_weights.reshape(-1)
     queries = query.reshape(n * num_queries, query_tokens, -1)
 
-    def routed(regions: Tensor, first: int, last: int) -> Tensor:   # -> (last - first, topk * Tk, C)
-        return select_routed(regions, flat, weights, topk, first, last)
+    def routed(regions: Tensor, first: int, last: int, buffer: Optional[Tensor] = None) -> Tensor:
+        return select_routed(regions, flat, weights, topk, first, last, buffer)   # (last - first, topk * Tk, C)
 
     batch = n * num_queries
     if tracks_gradients(query, key, value, region_weights):
@@ -70,9 +71,12 @@ def matmul_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: 
     region_bytes = routed_tokens * (key.shape[-1] + value.shape[-1] + query_tokens) * key.element_size()
     step = max(1, CHUNK_BYTES // region_bytes)
     out = query.new_empty(batch, query_tokens, value.shape[-1])
-    scores = query.new_empty(min(step, batch), query_tokens, routed_tokens)
+    step = min(step, batch)
+    scores = query.new_empty(step, query_tokens, routed_tokens)
+    key_buffer = key.new_empty(step * topk, *key.shape[2:])
+    value_buffer = value.new_empty(step * topk, *value.shape[2:])
     for first in range(0, batch, step):
         last = min(first + step, batch)
-        _attend(queries[first:last], routed(key, first, last), routed(value, first, last), scale, num_heads,
-                out=out[first:last], scores=scores[:last - first])
+        _attend(queries[first:last], routed(key, first, last, key_buffer), routed(value, first, last, value_buffer),
+                scale, num_heads, out=out[first:last], scores=scores[:last - first])
     return out.reshape(n, num_queries, query_tokens, -1)

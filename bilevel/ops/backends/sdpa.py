@@ -6,8 +6,8 @@ whose backward is a slow scatter into that view. Here each routed region is copi
 ``F.scaled_dot_product_attention``, which never stores the attention matrix.
 
 Without autograd on CPU the query regions go in chunks whose routed copy is at most ``CHUNK_BYTES``: the
-copy then stays in cache and reuses freed memory, where one large copy costs a page fault per 4 KiB (at
-1024 px, stage 2 of BiFormer-T, chunking halves the time). On a GPU cache-sized chunks cost more launches
+copy then stays in cache, and its buffers are allocated once per call, where one large copy, or a fresh
+one per chunk, costs a page fault per 4 KiB (at 1024 px, stage 2 of BiFormer-T, chunking halves the time). On a GPU cache-sized chunks cost more launches
 than they save (twice the time at 1024 px, stage 2, on an H200): there chunks only bound the routed copy's
 memory, at ``DEVICE_CHUNK_BYTES``.
 """
@@ -40,12 +40,14 @@ def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
     weights = None if region_weights is None else region_weights.reshape(-1)
     queries = unit_channel_stride(query).reshape(n * num_queries, query_tokens, -1)
 
-    def attend(first: int, last: int) -> Tensor:   # query regions [first, last) -> (last - first, Tq, H * Dv)
-        def routed(regions: Tensor) -> Tensor:      # (N, Rk, Tk, H * D) -> (last - first, H, topk * Tk, D)
-            return split_heads(select_routed(regions, flat, weights, topk, first, last), num_heads)
+    def attend(first: int, last: int, key_buffer: Optional[Tensor] = None, value_buffer: Optional[Tensor] = None
+               ) -> Tensor:                                 # query regions [first, last) -> (last - first, Tq, H * Dv)
+        def routed(regions: Tensor, buffer: Optional[Tensor]) -> Tensor:   # -> (last - first, H, topk * Tk, D)
+            return split_heads(select_routed(regions, flat, weights, topk, first, last, buffer), num_heads)
 
         q = split_heads(queries[first:last], num_heads)                  # (last - first, H, Tq, Dqk)
-        return merge_heads(F.scaled_dot_product_attention(q, routed(key), routed(value), scale=scale))
+        return merge_heads(F.scaled_dot_product_attention(q, routed(key, key_buffer), routed(value, value_buffer),
+                                                          scale=scale))
 
     batch = n * num_queries
     region_bytes = topk * key.shape[2] * (key.shape[-1] + value.shape[-1]) * key.element_size()
@@ -53,6 +55,8 @@ def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
     if step >= batch or torch.compiler.is_compiling() or tracks_gradients(query, key, value, region_weights):
         return attend(0, batch).reshape(n, num_queries, query_tokens, -1)
     out = query.new_empty(batch, query_tokens, value.shape[-1])
+    key_buffer = key.new_empty(step * topk, *key.shape[2:])          # the chunks' routed copies, reused
+    value_buffer = value.new_empty(step * topk, *value.shape[2:])
     for first in range(0, batch, step):
-        out[first:first + step] = attend(first, min(first + step, batch))
+        out[first:first + step] = attend(first, min(first + step, batch), key_buffer, value_buffer)
     return out.reshape(n, num_queries, query_tokens, -1)
