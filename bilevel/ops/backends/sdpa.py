@@ -41,22 +41,22 @@ def sdpa_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Te
     queries = unit_channel_stride(query).reshape(n * num_queries, query_tokens, -1)
 
     def attend(first: int, last: int, key_buffer: Optional[Tensor] = None, value_buffer: Optional[Tensor] = None
-               ) -> Tensor:                                 # query regions [first, last) -> (last - first, Tq, H * Dv)
+               ) -> Tensor:                                 # query regions [first, last) -> (last - first, H, Tq, Dv)
         def routed(regions: Tensor, buffer: Optional[Tensor]) -> Tensor:   # -> (last - first, H, topk * Tk, D)
             return split_heads(select_routed(regions, flat, weights, topk, first, last, buffer), num_heads)
 
         q = split_heads(queries[first:last], num_heads)                  # (last - first, H, Tq, Dqk)
-        return merge_heads(F.scaled_dot_product_attention(q, routed(key, key_buffer), routed(value, value_buffer),
-                                                          scale=scale))
+        return F.scaled_dot_product_attention(q, routed(key, key_buffer), routed(value, value_buffer), scale=scale)
 
     batch = n * num_queries
     region_bytes = topk * key.shape[2] * (key.shape[-1] + value.shape[-1]) * key.element_size()
     step = max(1, (CHUNK_BYTES if query.device.type == "cpu" else DEVICE_CHUNK_BYTES) // region_bytes)
     if step >= batch or torch.compiler.is_compiling() or tracks_gradients(query, key, value, region_weights):
-        return attend(0, batch).reshape(n, num_queries, query_tokens, -1)
+        return merge_heads(attend(0, batch)).reshape(n, num_queries, query_tokens, -1)
     out = query.new_empty(batch, query_tokens, value.shape[-1])
+    out_heads = split_heads(out, num_heads)                          # (B, H, Tq, Dv) view: one copy per chunk
     key_buffer = key.new_empty(step * topk, *key.shape[2:])          # the chunks' routed copies, reused
     value_buffer = value.new_empty(step * topk, *value.shape[2:])
     for first in range(0, batch, step):
-        out[first:first + step] = attend(first, min(first + step, batch), key_buffer, value_buffer)
+        out_heads[first:first + step] = attend(first, min(first + step, batch), key_buffer, value_buffer)
     return out.reshape(n, num_queries, query_tokens, -1)
