@@ -28,6 +28,8 @@ from bilevel.viz.routing_view import draw_lsda_group, draw_routing, region_at, r
 
 #: the longer side of the pictures the interface shows
 DISPLAY_SIDE = 448
+#: ... and the least its shorter side shows (thinner pictures are stretched across)
+DISPLAY_MIN_SIDE = 96
 #: uploads (images and checkpoints) larger than this are refused by the server
 MAX_FILE_SIZE = "400mb"
 
@@ -73,18 +75,25 @@ class ModelShelf:
 
 
 def display_picture(picture: Image.Image) -> np.ndarray:
-    """The picture at the interface's size (longer side DISPLAY_SIDE, small pictures enlarged)."""
+    """The picture at the interface's size: longer side DISPLAY_SIDE (small pictures enlarged), shorter side
+    stretched to at least DISPLAY_MIN_SIDE so that a thin strip still shows its regions and takes clicks."""
     scale = DISPLAY_SIDE / max(picture.size)
-    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    size = (max(DISPLAY_MIN_SIDE, round(picture.width * scale)), max(DISPLAY_MIN_SIDE, round(picture.height * scale)))
     resample = Image.Resampling.NEAREST if scale >= 4 else Image.Resampling.LANCZOS
     return np.asarray(picture.resize(size, resample))
+
+
+#: what the interface says of a model served without a checkpoint
+RANDOM_WEIGHTS_NOTE = ("random weights (no checkpoint loaded): its predictions mean nothing, only the routing "
+                       "machinery is worth a look")
 
 
 def describe_model(served: ServedModel) -> str:
     names = ", ".join(served.class_names[:6]) + (", ..." if len(served.class_names) > 6 else "")
     kind = "segmentation: " if served.task == "segmentation" else ""
-    return (f"**{served.name}** — {kind}{len(served.class_names)} classes ({names}); "
+    text = (f"**{served.name}** — {kind}{len(served.class_names)} classes ({names}); "
             f"input {served.input_size}x{served.input_size}")
+    return f"{text}. **{RANDOM_WEIGHTS_NOTE.capitalize()}.**" if served.random_weights else text
 
 
 def mask_picture(analysis: Analysis) -> np.ndarray:
@@ -110,8 +119,10 @@ def no_analysis(message: str) -> tuple:
     return None, *prediction_outputs(None), None, None, message, gr.Slider(), gr.Slider()
 
 
-def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_x: float, point_y: float):
-    """(routes image, heat image, message, block slider) for the query point (fractions of the image size)."""
+def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_x: Optional[float],
+                    point_y: Optional[float]):
+    """(routes image, heat image, message, block slider) for the query point (fractions of the image size;
+    an emptied box counts as the centre, 0.5)."""
     if analysis is None:
         return None, None, "Upload an image or pick an example first.", gr.Slider()
     layers = routing_layers(analysis.records)
@@ -124,7 +135,7 @@ def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_
     block = min(max(int(block), blocks[0]), blocks[-1])
     record = layers[stage, block]
     picture = display_picture(analysis.picture)
-    point = (float(point_x), float(point_y))
+    point = tuple(0.5 if value is None else min(max(float(value), 0.0), 1.0) for value in (point_x, point_y))
     block_slider = gr.Slider(minimum=blocks[0], maximum=max(blocks[-1], blocks[0] + 1), value=block,
                              interactive=len(blocks) > 1)
     if record.kind == "lsda":
@@ -165,6 +176,8 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         stage_slider = gr.Slider(minimum=stages[0], maximum=max(stages[-1], stages[0] + 1), value=stage,
                                  interactive=len(stages) > 1)
         routes, heat, message, block_slider = routing_outputs(analysis, stage, block, x, y)
+        if shelf.get(model_key).random_weights:
+            message += f" The model has {RANDOM_WEIGHTS_NOTE}."
         return analysis, *prediction_outputs(analysis), routes, heat, message, stage_slider, block_slider
 
     def analyse_upload(path, model_key, stage, block, x, y):
@@ -193,8 +206,9 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             key = shelf.default.key if served.key == shelf.default.key else shelf.add(served)
         except ServingError as error:
             gr.Warning(str(error))
-            return (current_key, f"**Could not load the model:** {error}", analysis, gr.Label(), gr.Image(),
-                    gr.Image(), gr.Image(), gr.Markdown(), gr.Slider(), gr.Slider())
+            return (current_key, gr.Markdown(), analysis, gr.Label(), gr.Image(), gr.Image(), gr.Image(),
+                    f"**Could not load the model:** {error} (still serving the previous model)", gr.Slider(),
+                    gr.Slider())
         picture = analysis.picture if analysis is not None else None
         outputs = (analysed(picture, key, stage, block, x, y) if picture is not None
                    else no_analysis("Model loaded: upload an image or pick an example."))
@@ -229,28 +243,36 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
                     with gr.Column():
                         gr.Markdown("**Routed regions** (blue: query region; yellow: its top-k, ranked). "
                                     "Click a region to query it.")
+                        # no corner buttons: they would cover the top-right regions, which a click must reach
                         routes = gr.Image(label="Routed regions", show_label=False, type="numpy", interactive=False,
-                                          format="png", elem_id="routes")
+                                          format="png", elem_id="routes", buttons=[])
                     with gr.Column():
                         gr.Markdown("**Region affinity** of the query region to every region (bright: high).")
                         heat = gr.Image(label="Region affinity", show_label=False, type="numpy", interactive=False,
                                         format="png", elem_id="heat")
                 with gr.Row():
-                    point_x = gr.Number(0.5, label="Query point x (fraction of the width)", minimum=0, maximum=1)
-                    point_y = gr.Number(0.5, label="Query point y (fraction of the height)", minimum=0, maximum=1)
+                    point_x = gr.Number(0.5, label="Query point x (fraction of the width)", minimum=0, maximum=1,
+                                        step=0.05)
+                    point_y = gr.Number(0.5, label="Query point y (fraction of the height)", minimum=0, maximum=1,
+                                        step=0.05)
 
         analysis_outputs = [analysis, predictions, mask_view, routes, heat, status, stage, block]
         view = [analysis, stage, block, point_x, point_y]
+        # the latest upload, example or click wins: one made while another is computing is not dropped
         upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y], analysis_outputs,
-                      api_name="analyse_upload")
+                      api_name="analyse_upload", trigger_mode="always_last")
+        upload.upload(lambda: gr.Dropdown(value=None), None, example, api_visibility="private")
         example.input(analyse_example, [example, model_key, stage, block, point_x, point_y], analysis_outputs,
-                      api_name="analyse_example")
+                      api_name="analyse_example", trigger_mode="always_last")
+        example.input(lambda: None, None, upload, api_visibility="private")
         routes.select(clicked, [analysis, stage, block], [point_x, point_y, routes, heat, status, block],
-                      api_visibility="private")
+                      api_visibility="private", trigger_mode="always_last")
         for control in (stage, block):
-            control.release(routing_outputs, view, [routes, heat, status, block], api_visibility="private")
+            control.release(routing_outputs, view, [routes, heat, status, block], api_visibility="private",
+                            trigger_mode="always_last")
         for control in (point_x, point_y):
-            control.submit(routing_outputs, view, [routes, heat, status, block], api_visibility="private")
+            control.submit(routing_outputs, view, [routes, heat, status, block], api_visibility="private",
+                           trigger_mode="always_last")
         gr.Button("Redraw", size="sm").click(routing_outputs, view, [routes, heat, status, block], api_name="route")
         load.click(load_model, [choice, checkpoint, model_key, analysis, stage, block, point_x, point_y],
                    [model_key, model_info] + analysis_outputs, api_name="load_model")
@@ -271,7 +293,7 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
 def main(args: Optional[list[str]] = None) -> None:
     options = parse_args(args)
     try:
-        default = load_served_model(options.model, options.checkpoint)
+        default = load_served_model(options.model, options.checkpoint, label=options.checkpoint)
     except ServingError as error:
         raise SystemExit(f"app.py: {error}") from None
     demo = build_demo(default, default_choice=options.model or EMBEDDED_MODEL)

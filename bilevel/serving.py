@@ -74,6 +74,11 @@ class ServedModel:
     std: tuple[float, float, float]
     task: str = "classification"
 
+    @property
+    def random_weights(self) -> bool:
+        """True when no checkpoint was loaded: the weights are a fresh initialisation."""
+        return self.key.endswith(":random")
+
 
 @dataclass
 class Analysis:
@@ -103,7 +108,8 @@ class Analysis:
 # ----------------------------------------------------------------------------------------------
 
 def fit_picture(picture: Image.Image, max_side: int = WORKING_IMAGE_SIDE) -> Image.Image:
-    """Check the picture's size and shrink it so that its longer side is at most ``max_side``.
+    """Check the picture's size and shrink it so that its longer side is at most ``max_side``, unless that
+    would take its shorter side below :data:`MIN_IMAGE_SIDE` (a thin strip keeps that many pixels across).
 
     raises: ServingError when a side is shorter than :data:`MIN_IMAGE_SIDE`.
     """
@@ -111,7 +117,7 @@ def fit_picture(picture: Image.Image, max_side: int = WORKING_IMAGE_SIDE) -> Ima
     if min(width, height) < MIN_IMAGE_SIDE:
         raise ServingError(f"the image is {width}x{height} pixels: it needs at least {MIN_IMAGE_SIDE} pixels "
                            "on each side to be split into regions")
-    scale = max_side / max(width, height)
+    scale = max(max_side / max(width, height), MIN_IMAGE_SIDE / min(width, height))
     if scale < 1:
         picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))),
                                  Image.Resampling.LANCZOS, reducing_gap=3.0)

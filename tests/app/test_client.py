@@ -1,6 +1,7 @@
 """The launched app driven over HTTP with gradio_client: uploads, redraws, bad files, eight users at once."""
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,6 +37,51 @@ def test_upload_returns_predictions_and_overlays_and_a_redraw_reuses_the_pass(cl
     assert predictor.forward_passes == passes
 
 
+def test_an_emptied_query_box_counts_as_the_centre(client, shape_pictures):
+    client.predict(handle_file(str(shape_pictures["square"])), 0, 0, 0.5, 0.5, api_name="/analyse_upload")
+    *_, centre, _ = client.predict(0, 0, 0.5, 0.5, api_name="/route")
+    *_, emptied, _ = client.predict(0, 0, None, None, api_name="/route")
+    assert emptied == centre and "query region 36 " in emptied
+
+
+def test_a_thin_strip_is_analysed(client, tmp_path):
+    """2000x20 px: shrinking it to the working size must not take its short side below the 16 px minimum."""
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.random.RandomState(1).randint(0, 255, (20, 2000, 3), dtype=np.uint8)).save(path)
+    labels, _, routes, heat, message, _, _ = client.predict(handle_file(str(path)), 0, 0, 0.5, 0.5,
+                                                            api_name="/analyse_upload")
+    assert routes is not None and heat is not None and "routes to regions" in message
+
+
+def test_the_latest_upload_example_or_click_wins(launched_app, embedded):
+    """Events fired while one is computing are queued, not dropped (Gradio's default drops them), and an
+    upload clears the example choice while an example clears the upload."""
+    import app
+
+    demo = app.build_demo(embedded)
+    components = {block._id: block for block in demo.blocks.values()}
+    modes = {}
+    for dependency in demo.config["dependencies"]:
+        for target, event in dependency["targets"]:
+            modes.setdefault((type(components[target]).__name__, event), set()).add(dependency["trigger_mode"])
+    for event in [("File", "upload"), ("Dropdown", "input"), ("Image", "select"), ("Slider", "release"),
+                  ("Number", "submit")]:
+        assert "always_last" in modes[event], event
+    outputs = {(type(components[dependency["targets"][0][0]]).__name__,
+                tuple(type(components[i]).__name__ for i in dependency["outputs"]))
+               for dependency in demo.config["dependencies"]}
+    assert ("File", ("Dropdown",)) in outputs and ("Dropdown", ("File",)) in outputs
+
+
+def test_random_weights_are_said(embedded):
+    import app
+    from bilevel.serving import load_served_model
+
+    served = load_served_model("biformer_tiny")
+    assert served.random_weights and not embedded.random_weights
+    assert "random weights" in app.describe_model(served).lower() and "random" not in app.describe_model(embedded).lower()
+
+
 def test_examples_are_served_by_name(client):
     for shape in ("circle", "square", "triangle", "cross"):
         labels, _, routes, _, _, _, _ = client.predict(f"shapes: {shape}", 0, 0, 0.5, 0.5, api_name="/analyse_example")
@@ -58,10 +104,11 @@ def test_bad_uploads_leave_a_message_and_the_app_serving(client, bad_uploads, sh
 def test_unsuitable_checkpoint_gets_a_message(client, tmp_path):
     path = tmp_path / "not_weights.pth"
     path.write_bytes(b"definitely not a checkpoint")
-    model_info, *rest = client.predict("biformer_tiny", handle_file(str(path)), 0, 0, 0.5, 0.5,
-                                       api_name="/load_model")
-    assert model_info.startswith("**Could not load the model:** the uploaded checkpoint")
-    assert str(tmp_path) not in model_info
+    model_info, _, _, _, _, status, _, _ = client.predict("biformer_tiny", handle_file(str(path)), 0, 0, 0.5, 0.5,
+                                                          api_name="/load_model")
+    assert status.startswith("**Could not load the model:** the uploaded checkpoint")
+    assert "(still serving the previous model)" in status and str(tmp_path) not in status
+    assert "Could not" not in model_info, "the model panel keeps describing the model still served"
 
 
 def test_segmentation_model_shows_its_mask_with_a_legend_and_the_routing(client, shape_pictures):
@@ -105,5 +152,5 @@ def test_command_line_defaults_and_a_bad_checkpoint(tmp_path):
     assert (options.host, options.port, options.model, options.checkpoint) == ("127.0.0.1", 7860, None, None)
     path = tmp_path / "broken.ckpt"
     path.write_bytes(b"\x00" * 64)
-    with pytest.raises(SystemExit, match="app.py: broken.ckpt"):
+    with pytest.raises(SystemExit, match=f"app.py: {re.escape(str(path))}"):
         app.main(["--model", "biformer_tiny", "--checkpoint", str(path)])
