@@ -46,11 +46,14 @@ def create_model(name: str, checkpoint_path: Optional[Union[str, Path]] = None, 
                  **kwargs) -> nn.Module:
     """Build a registered variant, optionally loading a checkpoint file the user supplies.
 
-    checkpoint_path: an official ``.pth`` (a dict with a ``model`` key, or a bare state dict) or a
-    checkpoint written by ``bilevel fit``; loaded with ``weights_only=True`` and ``strict=True``.
-    num_classes: when it differs from the checkpoint's classifier, everything but the classifier is
-    loaded and a fresh head is built (and a message says so).
-    kwargs: passed to the model constructor (``drop_path_rate``, ``features_only``, ``out_indices``, ...).
+    name: a variant of :func:`list_models`, optionally with its pretrained tag (``"biformer_tiny.in1k"``).
+    checkpoint_path: an official ``.pth`` (a dict with a ``model`` key, or a bare state dict), a ``bilevel fit``
+    checkpoint (the classifier's backbone, or a segmenter's without its decode head), an EMA-only file or the
+    state dict of a features_only model; ``~`` is expanded. Read with ``weights_only=True``, loaded with
+    ``strict=True``; with ``in_chans`` other than the file's, the input convs are adapted as timm does.
+    num_classes: default the checkpoint's class count (0 for a file without a classifier). When it differs,
+    everything but the classifier is loaded and a fresh head is built (and a warning says so).
+    kwargs: passed to the model constructor (``drop_path_rate``, ``in_chans``, ``features_only``, ``out_indices``, ...).
     """
     from .models.loading import create_model as _create
     return _create(name, checkpoint_path=checkpoint_path, num_classes=num_classes, **kwargs)

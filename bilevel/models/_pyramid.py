@@ -41,12 +41,13 @@ class PyramidBackbone(nn.Module):
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's hook for ``pretrained=True`` with a local file (``pretrained_cfg_overlay=dict(file=path)``).
 
-        Reads the file with ``weights_only=True``, accepts the official layouts and replaces a classifier of
-        another size (with a warning), as :func:`bilevel.create_model` does.
+        Reads the file with ``weights_only=True``, accepts the same layouts, adapts the input convs to
+        ``in_chans`` and initialises a classifier of another size (or none in the file) fresh, with a warning,
+        as :func:`bilevel.create_model` does.
         """
         from .loading import extract_state_dict, load_pretrained_weights, read_checkpoint
 
-        state = extract_state_dict(read_checkpoint(checkpoint_path), source=str(checkpoint_path))
+        state = extract_state_dict(read_checkpoint(checkpoint_path), source=str(checkpoint_path), backbone=True)
         load_pretrained_weights(self, state, source=str(checkpoint_path))
 
     @torch.jit.ignore
@@ -141,7 +142,9 @@ class PyramidBackbone(nn.Module):
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
         """timm's feature API: the NCHW outputs of the chosen stages (and the final features).
 
-        returns: list of (N, C_i, H_i, W_i), or (final features, that list) unless intermediates_only.
+        returns: list of (N, C_i, H_i, W_i), or (final features, that list) unless intermediates_only. With
+        ``stop_early`` the final features are the last stage run, un-normalised unless it is the last stage
+        (the final norm is sized for the last stage only), as in timm's Swin and ConvNeXt.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; only 'NCHW'")
@@ -158,20 +161,34 @@ class PyramidBackbone(nn.Module):
                 intermediates.append(self.stage_to_nchw(index, feature))
         if intermediates_only:
             return intermediates
-        return self.finish_features(x), intermediates
+        if last == self.num_stages - 1:
+            x = self.finish_features(x)
+        return x, intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last wanted one (and the head / final norm)."""
+        """Drop the stages after the last wanted one, as timm's Swin does.
+
+        The final norm goes with prune_norm or when the last stage goes (it is sized for that stage only);
+        then ``num_features`` becomes the last kept stage's width and the head goes too (as with prune_head).
+        returns: the kept feature indices.
+        """
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
-        for container in self.stage_containers():
-            for index in range(max_index + 1, self.num_stages):
-                container[index] = nn.Identity()
-        if prune_norm:
+        prune_end = max_index < self.num_stages - 1
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:
+            self.truncate_stages(max_index + 1)
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
+
+    def truncate_stages(self, count: int) -> None:
+        """Keep stages 0..count-1 only (the modules of later stages are deleted)."""
+        for container in self.stage_containers():
+            del container[count:]
+        self.num_stages = count
 
 
 def _init_transformer_weights(module: nn.Module) -> None:
@@ -185,8 +202,11 @@ def _init_transformer_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def imagenet_cfg(first_conv: str, **kwargs) -> dict:
-    """timm ``pretrained_cfg`` of an ImageNet-1K variant at 224 px (no download address: files are user-supplied)."""
+def imagenet_cfg(first_conv: Union[str, tuple[str, ...]], **kwargs) -> dict:
+    """timm ``pretrained_cfg`` of an ImageNet-1K variant at 224 px (no download address: files are user-supplied).
+
+    first_conv: the conv(s) taking the image, which loading adapts to another ``in_chans``.
+    """
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,

@@ -19,13 +19,13 @@ derives every stage's grouping from it. Here the same rules are applied to the s
 time (group size, SDA fallback for small maps, interval, padding and masks; cached by size), which
 gives identical results when the input has the ``img_size`` the official model was built for, and
 lets any size of at least 32 px run: non-square maps, and odd maps, which patch merging pads by one
-zero row/column (after its LayerNorm) to an even size. ``img_size`` still sets
-``pretrained_cfg["input_size"]`` and the shapes of the v1 checkpoint tables.
+zero row/column (after its LayerNorm) to an even size. ``img_size`` (an int, or (height, width))
+still sets ``pretrained_cfg["input_size"]`` and the shapes of the v1 checkpoint tables.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath, Mlp
@@ -153,14 +153,25 @@ class CrossFormerStage(nn.Module):
 # Model
 # ----------------------------------------------------------------------------------------------
 
+def _image_size(img_size: Union[int, Sequence[int]]) -> tuple[int, int]:
+    """``img_size`` as (height, width), from an int (square) or a pair."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 2 or not all(isinstance(side, int) for side in size):
+        raise ValueError(f"CrossFormer: img_size must be an int or (height, width), got {img_size!r}")
+    return size
+
+
 class CrossFormer(PyramidBackbone):
-    """CrossFormer (official constructor arguments, see ``ARCHITECTURES.md`` §3)."""
+    """CrossFormer (official constructor arguments, see ``ARCHITECTURES.md`` §3).
+
+    img_size: int or (height, width); the official models are square.
+    """
 
     #: final features are (N, H, W, C) tokens
     pool_dims = (1, 2)
 
-    def __init__(self, img_size: int = 224, patch_size: Sequence[int] = (4, 8, 16, 32), in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: Sequence[int] = (4, 8, 16, 32),
+                 in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), group_size: Sequence[int] = (7, 7, 7, 7),
                  crs_interval: Sequence[int] = (8, 4, 2, 1), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
@@ -169,19 +180,20 @@ class CrossFormer(PyramidBackbone):
         super().__init__()
         if len(depths) != self.num_stages:
             raise ValueError(f"CrossFormer has {self.num_stages} stages; depths={tuple(depths)}")
-        if img_size < self.min_input_size:
+        height, width = _image_size(img_size)
+        if min(height, width) < self.min_input_size:
             raise ValueError(f"CrossFormer: img_size={img_size} is below the smallest input, {self.min_input_size} px")
         self.in_chans = in_chans
-        self.img_size = img_size
+        self.img_size = (height, width)
         dims = [embed_dim * 2 ** i for i in range(self.num_stages)]
         self.patch_embed = CrossScaleEmbedding(patch_size, in_chans, embed_dim, patch_norm)
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
-            side = img_size // patch_size[0] // 2 ** i
+            nominal_size = (height // patch_size[0] // 2 ** i, width // patch_size[0] // 2 ** i)
             blocks = [CrossFormerBlock(dims[i], num_heads[i], group_size[i], crs_interval[i], long_distance=j % 2 == 1,
-                                       nominal_size=(side, side), mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                       nominal_size=nominal_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                        qk_scale=qk_scale, proj_drop=drop_rate, attn_drop=attn_drop_rate,
                                        drop_path=rates[sum(depths[:i]) + j])
                       for j in range(depth)]
@@ -209,6 +221,11 @@ class CrossFormer(PyramidBackbone):
     def stage_containers(self) -> list[nn.ModuleList]:
         return [self.layers]
 
+    def truncate_stages(self, count: int) -> None:
+        """Keep stages 0..count-1, without the merging that fed the first dropped stage."""
+        super().truncate_stages(count)
+        self.layers[count - 1].downsample = None
+
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Drop the per-attention tables that released (v1) checkpoints carry (recomputed here)."""
         suffixes = tuple(f".attn.{name}" for name in V1_BUFFER_NAMES)
@@ -227,7 +244,8 @@ class CrossFormer(PyramidBackbone):
 # Variants
 # ----------------------------------------------------------------------------------------------
 
-_cfg = partial(imagenet_cfg, "patch_embed.projs.0", paper_ids="arXiv:2108.00154",
+#: every conv of the cross-scale embedding takes the image
+_cfg = partial(imagenet_cfg, tuple(f"patch_embed.projs.{i}" for i in range(4)), paper_ids="arXiv:2108.00154",
                origin_url="https://github.com/cheerss/CrossFormer")
 
 
@@ -240,10 +258,12 @@ default_cfgs = generate_default_cfgs({
 
 
 def _build(variant: str, pretrained: bool, kwargs: dict, **args) -> CrossFormer:
-    img_size = kwargs.get("img_size", 224)
-    if kwargs.get("pretrained_cfg_overlay") is None and img_size != 224:
-        kwargs["pretrained_cfg_overlay"] = dict(input_size=(3, img_size, img_size),
-                                                 pool_size=(img_size // 32, img_size // 32))
+    """Build a variant; ``img_size`` other than 224 goes into ``pretrained_cfg`` (under the caller's overlay)."""
+    height, width = _image_size(kwargs.get("img_size", 224))
+    if (height, width) != (224, 224):
+        final_map = tuple(-(-(side // 4) // 8) for side in (height, width))   # stride 4, then three ceil halvings
+        size_cfg = dict(input_size=(3, height, width), pool_size=final_map)
+        kwargs["pretrained_cfg_overlay"] = {**size_cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}
     return build_pyramid(CrossFormer, variant, pretrained, **dict(args, **kwargs))
 
 

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional, Union
 
 import timm
 import torch
+from timm.models import adapt_input_conv
+from timm.models._input import get_model_traits
 from torch import Tensor, nn
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_weights", "load_pretrained_weights",
@@ -44,17 +46,30 @@ _ALLOWED_GLOBALS = [
 ]
 
 
+#: how the files torch.save writes begin: a zip archive (its default format), or a pickle (the legacy format,
+#: protocol 2 and later)
+_ZIP_MAGIC = b"PK"
+_PICKLE_MAGIC = b"\x80"
+
+
 def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Read a checkpoint file without executing pickled code.
+    """Read a checkpoint file without executing pickled code (``~`` is expanded).
 
     returns: the object stored in the file, as a dict (a bare state dict is a dict too).
-    raises: FileNotFoundError, or CheckpointError naming the file when it is not a checkpoint.
+    raises: FileNotFoundError, or CheckpointError naming the file when it is a directory or not a checkpoint.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file: pass the .pth file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.stat().st_size == 0:
+    with path.open("rb") as file:
+        head = file.read(16)
+    if not head:
         raise CheckpointError(f"{path} is empty, not a checkpoint")
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file: it is neither a zip archive (what torch.save "
+                              f"writes) nor a pickle; it starts with {head[:8]!r}")
     try:
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -63,7 +78,7 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             f"{path} holds Python objects that a weights-only load refuses ({_first_line(error)}); "
             "bilevel loads weights only: save the state dict (torch.save(model.state_dict(), path))"
         ) from None
-    except Exception as error:  # the unpickler fails in many ways on files that are not checkpoints
+    except Exception as error:  # the unpickler fails in many ways on damaged files
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: "
                               f"{_first_line(error)})") from None
     if not isinstance(obj, Mapping):
@@ -76,27 +91,41 @@ def _first_line(error: BaseException) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
-def extract_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Tensor]:
+#: where a checkpoint dictionary keeps the weights, by preference: official files and ``bilevel fit`` checkpoints,
+#: then EMA weights, used only when a file holds nothing else (timm's own reader prefers them)
+_WEIGHT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+#: prefixes every key carries when a wrapper was saved: DistributedDataParallel, then a features_only model
+_WRAPPER_PREFIXES = ("module.", "model.")
+#: the final norm of the three families (``PyramidBackbone.norm``), which pruned backbones drop
+_FINAL_NORM = "norm"
+
+
+def _with_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries whose key starts with ``prefix``, with the prefix removed."""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def extract_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint",
+                       backbone: bool = False) -> dict[str, Tensor]:
     """Find the model weights in a checkpoint dictionary.
 
-    Accepts the official layout (weights under ``"model"``), a Lightning checkpoint written by
-    ``bilevel fit`` (``"state_dict"`` with the backbone under ``model.``), and a bare state dict.
-    A ``module.`` prefix (DistributedDataParallel) is removed.
+    Accepts the official layout (weights under ``"model"``), ``"state_dict"``, EMA-only files
+    (``"model_ema"`` / ``"state_dict_ema"``, read only when neither of the others is there) and a bare state
+    dict. A ``module.`` (DistributedDataParallel) or ``model.`` prefix (a features_only model) on every key is
+    removed. From a ``bilevel fit`` checkpoint the backbone of a classifier (keys ``model.*``) is returned.
+    backbone: a segmentation checkpoint (``backbone.*`` and ``decode_head.*``) gives its backbone's weights,
+        without the decode head; otherwise its weights are returned whole, as the segmenter holds them.
     """
-    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        state = checkpoint["model"]
-    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
-        state = checkpoint["state_dict"]
-        backbone = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
-        state = backbone or state
-    else:
-        state = checkpoint
+    weights_key = next((key for key in _WEIGHT_KEYS if isinstance(checkpoint.get(key), Mapping)), None)
+    state = checkpoint[weights_key] if weights_key is not None else checkpoint
     tensors = {key: value for key, value in state.items() if isinstance(value, Tensor)}
     if not tensors:
         raise CheckpointError(f"{source} holds no model weights (keys: {sorted(checkpoint)[:10]})")
-    if all(key.startswith("module.") for key in tensors):
-        tensors = {key[len("module."):]: value for key, value in tensors.items()}
-    return tensors
+    for prefix in _WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in tensors):
+            tensors = _with_prefix(tensors, prefix)
+    task_model = _with_prefix(tensors, "model.") or (_with_prefix(tensors, "backbone.") if backbone else {})
+    return task_model or tensors
 
 
 def _describe(keys, limit: int = 8) -> str:
@@ -107,47 +136,89 @@ def _describe(keys, limit: int = 8) -> str:
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint",
                  allow_new_classifier: bool = False) -> list[str]:
-    """Load ``state_dict`` into ``model`` strictly; optionally skip a classifier of another size.
+    """Load ``state_dict`` into ``model`` strictly, adapting the input convs to the model's ``in_chans``.
 
-    returns: the keys left at their fresh initialisation (the classifier, when replaced).
+    allow_new_classifier: initialise fresh (instead of failing on) a classifier of another size or one the
+        file does not have, and a final norm the file does not have (a backbone saved pruned, as segmentation
+        and features_only models are).
+    returns: the keys left at their fresh initialisation.
     raises: CheckpointError naming the missing, unexpected and mis-shaped keys.
     """
     adapt = getattr(model, "adapt_state_dict", None)
     state = dict(adapt(state_dict) if adapt is not None else state_dict)
     own = model.state_dict()
-    classifier = _classifier_prefixes(model)
-    dropped = []
+    _adapt_input_convs(model, state, own)
+    fresh = []
     if allow_new_classifier:
-        dropped = [key for key in state if key.split(".")[0] in classifier
-                   and (key not in own or state[key].shape != own[key].shape)]
-        for key in dropped:
+        classifier = _classifier_prefixes(model)
+        for key in [key for key in state if key.split(".")[0] in classifier
+                    and (key not in own or state[key].shape != own[key].shape)]:
             del state[key]
-    skipped = [key for key in own if key.split(".")[0] in classifier and key not in state and dropped]
-    missing = [key for key in own if key not in state and key not in skipped]
+        replaceable = set(classifier)
+        if not any(key.split(".")[0] == _FINAL_NORM for key in state):
+            replaceable.add(_FINAL_NORM)
+        fresh = [key for key in own if key.split(".")[0] in replaceable and key not in state]
+    missing = [key for key in own if key not in state and key not in fresh]
     unexpected = [key for key in state if key not in own]
     mis_shaped = [f"{key}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
                   for key in state if key in own and state[key].shape != own[key].shape]
     if missing or unexpected or mis_shaped:
-        name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
-        parts = [f"{source} does not fit {name}:"]
+        parts = [f"{source} does not fit {_model_name(model)}:"]
         if missing:
             parts.append(f"missing keys {_describe(missing)}")
         if unexpected:
             parts.append(f"unexpected keys {_describe(unexpected)}")
         if mis_shaped:
             parts.append(f"shape mismatches {_describe(mis_shaped, 4)}")
-        parts.append("(is it a checkpoint of another architecture or variant?)")
+        in_chans = getattr(model, "in_chans", None)
+        unadapted = [key for key in state if key in own and own[key].ndim == 4 and own[key].shape[1] == in_chans
+                     and _differs_in_input_channels(state[key], own[key])]
+        if unadapted:
+            parts.append(f"- the input channel count differs ({unadapted[0]} takes {state[unadapted[0]].shape[1]} "
+                         f"channels in the file, the model in_chans={in_chans}), and it is not an input conv "
+                         "(first_conv) of the model's pretrained_cfg, which loading would adapt")
+        else:
+            parts.append("(is it a checkpoint of another architecture or variant?)")
         raise CheckpointError(" ".join(parts))
-    model.load_state_dict({**state, **{key: own[key] for key in skipped}}, strict=True)
-    return skipped
+    model.load_state_dict({**state, **{key: own[key] for key in fresh}}, strict=True)
+    return fresh
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+
+
+def _adapt_input_convs(model: nn.Module, state: dict[str, Tensor], own: Mapping[str, Tensor]) -> None:
+    """Adapt the file's input convs (``first_conv`` of the model's cfg) to the model's input channels, in place.
+
+    As timm's ``load_pretrained``: ``adapt_input_conv`` sums the channels for in_chans=1 and repeats them
+    (rescaled) otherwise.
+    """
+    names = get_model_traits(model).get("first_conv", getattr(model, "pretrained_cfg", {}).get("first_conv"))
+    for name in (names,) if isinstance(names, str) else names or ():
+        key = f"{name}.weight"
+        if key in state and key in own and _differs_in_input_channels(state[key], own[key]):
+            state[key] = adapt_input_conv(own[key].shape[1], state[key], base_chans=state[key].shape[1])
+
+
+def _differs_in_input_channels(file_weight: Tensor, model_weight: Tensor) -> bool:
+    """Whether two conv weights (O, I, kH, kW) differ in their input channels I only."""
+    return (file_weight.ndim == model_weight.ndim == 4 and file_weight.shape[1] != model_weight.shape[1]
+            and file_weight.shape[:1] + file_weight.shape[2:] == model_weight.shape[:1] + model_weight.shape[2:])
 
 
 def load_pretrained_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """:func:`load_weights` for fine-tuning: a classifier of another size is re-initialised, with a warning."""
-    replaced = load_weights(model, state_dict, source=source, allow_new_classifier=True)
-    if replaced:
-        warnings.warn(f"{source}: loaded everything but the classifier ({', '.join(replaced)}), "
+    """:func:`load_weights` for fine-tuning: a classifier of another size (or none in the file) and a final norm
+    the file lacks are initialised fresh, with a warning."""
+    fresh = load_weights(model, state_dict, source=source, allow_new_classifier=True)
+    classifier = [key for key in fresh if key.split(".")[0] in _classifier_prefixes(model)]
+    norm = [key for key in fresh if key not in classifier]
+    if classifier:
+        warnings.warn(f"{source}: loaded everything but the classifier ({', '.join(classifier)}), "
                       f"which was re-initialised for {model.num_classes} classes", stacklevel=3)
+    if norm:
+        warnings.warn(f"{source} has no final norm (a backbone saved without it): {', '.join(norm)} "
+                      "initialised fresh", stacklevel=3)
 
 
 def _classifier_prefixes(model: nn.Module) -> set[str]:
@@ -159,29 +230,42 @@ def _classifier_prefixes(model: nn.Module) -> set[str]:
 def create_model(name: str, checkpoint_path: Optional[PathLike] = None, num_classes: Optional[int] = None,
                  features_only: bool = False, out_indices=(0, 1, 2, 3), **kwargs) -> nn.Module:
     """See :func:`bilevel.create_model`."""
-    from . import MODEL_NAMES  # registers the families with timm
-
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_NAMES)}")
+    _check_model_name(name)
     if kwargs.pop("pretrained", False):
         raise ValueError("bilevel never downloads weights: pass checkpoint_path= with the official .pth file")
     state = None
     if checkpoint_path is not None:
-        state = extract_state_dict(read_checkpoint(checkpoint_path), source=str(checkpoint_path))
+        state = extract_state_dict(read_checkpoint(checkpoint_path), source=str(checkpoint_path), backbone=True)
         if num_classes is None:
             num_classes = _checkpoint_classes(state)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if state is not None:
-        load_pretrained_weights(model, state, source=str(checkpoint_path))
+    model = network = timm.create_model(name, pretrained=False, **kwargs)
     if features_only:
         from timm.models._features import FeatureGetterNet
-        model = FeatureGetterNet(model, out_indices=out_indices)
+        full_keys = set(network.state_dict())
+        model = FeatureGetterNet(network, out_indices=out_indices)          # prunes head, final norm, later stages
+        if state is not None:
+            pruned = full_keys - set(network.state_dict())
+            state = {key: value for key, value in state.items() if key not in pruned}
+    if state is not None:
+        load_pretrained_weights(network, state, source=str(checkpoint_path))
     return model
 
 
-def _checkpoint_classes(state: Mapping[str, Tensor]) -> Optional[int]:
-    """Number of classes of the checkpoint's classifier (``head.weight``), if it has one."""
+def _check_model_name(name: str) -> None:
+    """Accept a registered variant, optionally with its pretrained tag (``biformer_tiny.in1k``), as timm does."""
+    from . import MODEL_NAMES, MODEL_TAGS  # registers the families with timm
+
+    base, _, tag = name.partition(".")
+    if base not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_NAMES)}")
+    if tag and name not in MODEL_TAGS:
+        known = sorted(full for full in MODEL_TAGS if full.partition(".")[0] == base)
+        raise ValueError(f"unknown pretrained tag {tag!r} of {base}; available: {known}")
+
+
+def _checkpoint_classes(state: Mapping[str, Tensor]) -> int:
+    """Number of classes of the checkpoint's classifier (``head.weight``); 0 when it has none."""
     weight = state.get("head.weight")
-    return int(weight.shape[0]) if weight is not None else None
+    return int(weight.shape[0]) if weight is not None else 0

@@ -138,9 +138,20 @@ def query_grid(height: int, width: int, dtype: torch.dtype, device: torch.device
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
 
 
+#: dtypes whose CPU grid_sample misreads channels-last (non-contiguous) maps (PyTorch 2.x: garbage, NaN)
+_CPU_GRID_SAMPLE_NEEDS_CONTIGUOUS = (torch.bfloat16, torch.float16)
+
+
 def _sample(maps: Tensor, positions_yx: Tensor) -> Tensor:
     """Bilinear sampling (align_corners=True, zeros outside): maps (B, C, H, W), positions (B, h, w, 2) (y, x)
-    -> (B, C, h, w)."""
+    -> (B, C, h, w).
+
+    The maps are the channels-last view of the NHWC input. PyTorch's CPU kernel reads such maps wrongly in
+    bfloat16/float16, so there they are copied to a contiguous layout first; float32 reads them correctly and
+    skips the copy (a full-resolution copy costs far more than sampling the few deformed points).
+    """
+    if maps.device.type == "cpu" and maps.dtype in _CPU_GRID_SAMPLE_NEEDS_CONTIGUOUS:
+        maps = maps.contiguous()
     return F.grid_sample(maps, positions_yx.flip(-1), mode="bilinear", align_corners=True)
 
 

@@ -47,8 +47,12 @@ def test_variant_parameter_counts(name):
     with torch.device("meta"):
         model = timm.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAM_COUNTS[name]
-    assert model.pretrained_cfg["first_conv"] == "patch_embed.projs.0"
     assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    # every conv that reads the image is an input conv, adapted when in_chans differs
+    image_convs = [name for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3]
+    assert image_convs == [f"patch_embed.projs.{i}" for i in range(4)]
+    assert list(model.pretrained_cfg["first_conv"]) == image_convs
 
 
 def _v1_state_dict(model: CrossFormer) -> dict[str, torch.Tensor]:
@@ -210,3 +214,35 @@ def test_bad_inputs_are_refused():
         model(torch.randn(1, 3, 16, 64))
     with pytest.raises(ValueError, match="img_size"):
         CrossFormer(img_size=16)
+
+
+def test_img_size_stays_in_the_pretrained_cfg_under_an_overlay(tmp_path):
+    path = tmp_path / "crossformer.pth"
+    torch.save(_small().state_dict(), path)
+    small = dict(SMALL, img_size=256)
+    with torch.device("meta"):
+        plain = timm.create_model("crossformer_tiny", pretrained_cfg_overlay=dict(crop_pct=1.0), **small)
+    loaded = timm.create_model("crossformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                               **small)
+    for model in (plain, loaded):
+        assert model.pretrained_cfg["input_size"] == (3, 256, 256) and model.pretrained_cfg["pool_size"] == (8, 8)
+    assert plain.pretrained_cfg["crop_pct"] == 1.0
+    with torch.device("meta"):                           # the caller's own input_size wins
+        told = timm.create_model("crossformer_tiny", pretrained_cfg_overlay=dict(input_size=(3, 288, 288)), **small)
+    assert told.pretrained_cfg["input_size"] == (3, 288, 288)
+
+
+def test_img_size_may_be_a_pair():
+    square = _small(img_size=224)
+    pair = _small(img_size=(224, 224))
+    pair.load_state_dict(square.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(pair(x), square(x), rtol=0, atol=0)
+    with torch.device("meta"):
+        wide = timm.create_model("crossformer_tiny", img_size=(224, 320), **SMALL)
+    # stage maps 56x80, 28x40, 14x20, 7x10
+    assert wide.pretrained_cfg["input_size"] == (3, 224, 320) and wide.pretrained_cfg["pool_size"] == (7, 10)
+    for bad in ((224,), (224, 224, 3), "224", (224.0, 224)):
+        with pytest.raises(ValueError, match="img_size must be an int or \\(height, width\\)"):
+            CrossFormer(img_size=bad)

@@ -105,3 +105,13 @@ def test_golden_filled_official_checkpoint_loads_strictly(tmp_path, golden_fill)
     loaded_state = loaded.state_dict()
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded_state[key], value), key
+
+
+def test_bfloat16_on_cpu_agrees_with_float32():
+    model = bilevel.create_model("debiformer_tiny").eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+        got = model.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.999

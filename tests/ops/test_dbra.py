@@ -130,3 +130,18 @@ def test_torch_compile_captures_one_graph_and_matches_eager():
         expected = op(x)
         compiled = torch.compile(op, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(compiled, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_on_cpu_agrees_with_float32(dtype):
+    """One offset group (stage 1): the sampled map is the channels-last view of the NHWC input, which the CPU
+    grid_sample misreads in bfloat16/float16 unless it is made contiguous."""
+    op = DeBiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4, side_dwconv=5, auto_pad=True,
+                                   param_size="tiny").eval()
+    assert op.settings.groups == 1
+    x = torch.randn(2, 56, 56, 64)
+    with torch.no_grad():
+        expected = op(x)
+        got = op.to(dtype)(x.to(dtype)).float()
+    assert torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
