@@ -7,25 +7,76 @@
         --data.predict_root /path/to/new/images
 
 The model's backbone name goes to the data module (its mean/std/input size); the data's class count
-and names go to the model, so the number of classes is never written twice.
+and names go to the model, so the number of classes is never written twice. ``--ckpt_path`` takes a
+checkpoint written by ``bilevel fit``; official weights go to ``--model.checkpoint_path``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["BilevelCLI", "main"]
+from .models.loading import CheckpointError, read_checkpoint
+
+__all__ = ["BilevelCLI", "main", "require_lightning_checkpoint"]
+
+#: ``--ckpt_path`` values Lightning resolves itself rather than reading a file of that name
+LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc")
+
+
+def require_lightning_checkpoint(path: Union[str, Path]) -> None:
+    """Check (reading weights-only) that ``path`` is a Lightning checkpoint, as ``--ckpt_path`` needs.
+
+    raises: FileNotFoundError, or CheckpointError naming the file and pointing official weights to
+        ``--model.checkpoint_path``.
+    """
+    if "pytorch-lightning_version" not in read_checkpoint(path):
+        raise CheckpointError(f"{path} is not a checkpoint written by `bilevel fit` (it holds model weights only, "
+                              "like the official .pth files): --ckpt_path resumes or reuses a Lightning checkpoint. "
+                              f"To start from these weights, pass --model.checkpoint_path {path}")
+
+
+def _names_a_local_file(ckpt_path: str) -> bool:
+    """False for the ``--ckpt_path`` values Lightning resolves itself: best/last/hpc, registry[:name], URLs."""
+    return (ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not ckpt_path.lower().startswith("registry")
+            and "://" not in ckpt_path)
 
 
 class BilevelCLI(LightningCLI):
-    """LightningCLI with the links between data and model."""
+    """LightningCLI with the links between data and model, and a checked ``--ckpt_path``."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    def _restore_from_ckpt_path(self, subcommand: str) -> None:
+        """Check ``--ckpt_path`` and hand it to the trainer before the run starts.
+
+        Set as ``trainer.ckpt_path``, it is known when the model's ``setup`` runs, so the model skips its
+        ``checkpoint_path`` start weights (restoring happens after ``setup``).
+        """
+        config = self.config_init[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None or not _names_a_local_file(str(ckpt_path)):
+            return
+        require_lightning_checkpoint(ckpt_path)
+        self.trainer.ckpt_path = ckpt_path
+        config["ckpt_path"] = None
+
+    def before_fit(self) -> None:
+        self._restore_from_ckpt_path("fit")
+
+    def before_validate(self) -> None:
+        self._restore_from_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        self._restore_from_ckpt_path("test")
+
+    def before_predict(self) -> None:
+        self._restore_from_ckpt_path("predict")
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -1,6 +1,7 @@
 """Image classification from a folder of class folders (``root/train/<class>/*``, ``root/val/<class>/*``)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -14,7 +15,8 @@ from .scan import DatasetError, check_images, class_folders, require_folder
 from .shapes import builtin_shapes
 from .transforms import model_data_config
 
-__all__ = ["LabelledImages", "UnlabelledImages", "ImageFolderDataModule", "ShapesClassificationDataModule"]
+__all__ = ["LabelledImages", "UnlabelledImages", "ImageFolderDataModule", "ShapesClassificationDataModule",
+           "prediction_paths", "drop_last_batch"]
 
 
 class LabelledImages(Dataset):
@@ -48,20 +50,30 @@ class UnlabelledImages(Dataset):
 
 
 def prediction_paths(folder: Path) -> list[Path]:
-    """The images of a prediction folder (its sub-folders too), or a DatasetError when there are none."""
+    """The images of a prediction folder (its sub-folders too, hidden ones skipped), or a DatasetError when none."""
     require_folder(folder, "prediction folder")
-    paths = list_images(folder) + [path for sub in sorted(p for p in folder.rglob("*") if p.is_dir())
-                                   for path in list_images(sub)]
+    paths = list_images(folder, recursive=True)
     if not paths:
         raise DatasetError(f"{folder}: no image files to predict on")
     return paths
+
+
+def drop_last_batch(datamodule: LightningDataModule, dataset_size: int, batch_size: int) -> bool:
+    """Whether training drops each process's last, partial batch: yes, unless a process would get no batch.
+
+    Each of the trainer's ``world_size`` processes sees ``ceil(dataset_size / world_size)`` samples, so the
+    choice is made for that share, not for the whole dataset (one process when no trainer is attached).
+    """
+    world_size = datamodule.trainer.world_size if datamodule.trainer is not None else 1
+    return math.ceil(dataset_size / world_size) > batch_size
 
 
 class ImageFolderDataModule(LightningDataModule):
     """Class folders on disk -> timm-augmented batches ((N, 3, S, S) images, (N,) labels).
 
     root: a folder with ``train/`` and ``val/`` class folders, or (with ``val_fraction``) one folder of
-        class folders split with the fixed ``split_seed``.
+        class folders split with the fixed ``split_seed``. Images in sub-folders of a class folder belong to
+        that class; hidden files and folders are skipped; ``val/`` may lack some classes.
     model_name: the backbone, for its mean/std/input size (linked from the model by ``bilevel`` CLI).
     image_size: overrides the backbone's input size.
     predict_root: images to predict on (``bilevel predict``); default: the validation images.
@@ -83,6 +95,9 @@ class ImageFolderDataModule(LightningDataModule):
         require_folder(self.root, "dataset root")
         self.data_config = model_data_config(model_name, image_size)
         self.train_samples, self.val_samples, self.class_names = self._find_samples()
+        if len(self.class_names) < 2:
+            raise DatasetError(f"{self.root}: only one class folder ({self.class_names[0]}); a classifier needs "
+                               "at least two classes (add a class folder of other images)")
         self.train_dataset = self.val_dataset = self.predict_dataset = None
 
     @property
@@ -115,8 +130,9 @@ class ImageFolderDataModule(LightningDataModule):
 
     @staticmethod
     def _samples(split_dir: Path, names: Sequence[str]) -> list[tuple[Path, int]]:
-        return [(path, label) for label, name in enumerate(names) for path in list_images(split_dir / name)
-                if (split_dir / name).is_dir()]
+        """(image, label) of every image of the class folders (nested sub-folders too); absent folders are skipped."""
+        return [(path, label) for label, name in enumerate(names) if (split_dir / name).is_dir()
+                for path in list_images(split_dir / name, recursive=True)]
 
     def transform(self, training: bool):
         """timm's train (random-resized crop, flip, optional auto-augment) or eval (resize, centre crop) pipeline."""
@@ -129,15 +145,19 @@ class ImageFolderDataModule(LightningDataModule):
                                 crop_pct=cfg.crop_pct)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.scan:
-            check_images(path for path, _ in self.train_samples + self.val_samples)
-        if stage in ("fit", "validate", "test"):
-            self.train_dataset = LabelledImages(self.train_samples, self.transform(training=True))
-            self.val_dataset = LabelledImages(self.val_samples, self.transform(training=False))
+        """Build the datasets of ``stage``, after scanning the images it reads (unless ``scan`` is off)."""
         if stage == "predict":
             paths = (prediction_paths(Path(self.predict_root).expanduser()) if self.predict_root
                      else [path for path, _ in self.val_samples])
+            if self.scan:
+                check_images(paths, "checking images to predict")
             self.predict_dataset = UnlabelledImages(paths, self.transform(training=False))
+            return
+        if self.scan:
+            samples = self.train_samples + self.val_samples if stage == "fit" else self.val_samples
+            check_images([path for path, _ in samples])
+        self.train_dataset = LabelledImages(self.train_samples, self.transform(training=True))
+        self.val_dataset = LabelledImages(self.val_samples, self.transform(training=False))
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.num_workers
@@ -145,7 +165,7 @@ class ImageFolderDataModule(LightningDataModule):
                           num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.train_dataset) > self.batch_size
+        drop_last = drop_last_batch(self, len(self.train_dataset), self.batch_size)
         return self._loader(self.train_dataset, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:

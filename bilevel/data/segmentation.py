@@ -3,9 +3,10 @@
 Layouts (``layout``):
     "folders": ``root/{train,val}/images/*`` and ``root/{train,val}/masks/*.png``
     "ade20k":  ``root/images/{training,validation}/*.jpg`` and ``root/annotations/{training,validation}/*.png``
-Masks hold class indices (single-channel or palette PNG); 255 is ignored. Class names come from
-``classes``, else ``root/classes.txt`` (one per line, in label order; with ``reduce_zero_label`` its first
-line, the name of label 0, is dropped), else ``class_0 ...`` up to the largest label.
+Masks hold class indices (single-channel or palette PNG, or another lossless format; never JPEG); 255 is
+ignored. Class names come from ``classes``, else ``root/classes.txt`` (one per line, in label order; with
+``reduce_zero_label`` its first line, the name of label 0, is dropped), else ``class_0 ...`` up to the largest
+label. There must be at least two classes.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from typing import Optional, Sequence
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from .classification import UnlabelledImages, prediction_paths
+from .classification import UnlabelledImages, drop_last_batch, prediction_paths
 from .images import image_to_tensor, list_images, read_image, read_mask
-from .scan import DatasetError, check_segmentation_pairs, require_folder
+from .scan import DatasetError, check_images, check_segmentation_pairs, require_folder
 from .shapes import builtin_shapes
 from .transforms import SegmentationTransform, model_data_config
 
@@ -30,6 +31,8 @@ LAYOUTS = {
     "ade20k": {"train": ("images/training", "annotations/training"),
                "val": ("images/validation", "annotations/validation")},
 }
+#: mask file endings refused: lossy compression changes the class indices along every edge
+LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg")
 
 
 class SegmentationPairs(Dataset):
@@ -47,14 +50,35 @@ class SegmentationPairs(Dataset):
         return self.transform(read_image(image_path), read_mask(mask_path))
 
 
+def _by_stem(paths: Sequence[Path], folder: Path) -> dict[str, Path]:
+    """stem -> file; a DatasetError names the files that share a stem (pairing by stem would mix them up)."""
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(path.stem, []).append(path)
+    shared = [" and ".join(path.name for path in group) for group in groups.values() if len(group) > 1]
+    if shared:
+        raise DatasetError(f"{folder}: files differing only in extension cannot be paired by name: "
+                           f"{'; '.join(shared)} (keep one file per name)")
+    return {stem: group[0] for stem, group in groups.items()}
+
+
 def pair_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
-    """Pair every image with the mask of the same stem; a DatasetError names an image without a mask."""
+    """Pair every image with the mask of the same stem.
+
+    raises: DatasetError naming an image without a mask, files sharing a stem, or a JPEG mask.
+    """
     require_folder(image_dir, "image folder")
     require_folder(mask_dir, "mask folder")
     images = list_images(image_dir)
     if not images:
         raise DatasetError(f"{image_dir}: no image files in it")
-    masks = {path.stem: path for path in list_images(mask_dir)}
+    _by_stem(images, image_dir)
+    mask_files = list_images(mask_dir)
+    lossy = [path for path in mask_files if path.suffix.lower() in LOSSY_MASK_SUFFIXES]
+    if lossy:
+        raise DatasetError(f"{lossy[0]}: masks must be lossless (PNG, or BMP/TIFF): JPEG compression changes the "
+                           f"class indices along edges ({len(lossy)} JPEG mask(s) in {mask_dir}; save them as PNG)")
+    masks = _by_stem(mask_files, mask_dir)
     missing = [path for path in images if path.stem not in masks]
     if missing:
         raise DatasetError(f"{missing[0]}: no mask with the same name in {mask_dir} "
@@ -87,6 +111,9 @@ class SegmentationFolderDataModule(LightningDataModule):
         self.data_config = model_data_config(model_name, image_size)
         self.train_pairs, self.val_pairs = (pair_by_stem(*(self.root / part for part in LAYOUTS[layout][split]))
                                             for split in ("train", "val"))
+        self.train_mask_dir = self.root / LAYOUTS[layout]["train"][1]
+        # set when the class count is read from the training masks, which scans them
+        self._train_pairs_scanned = False
         self.class_names = self._class_names(classes)
         self.train_dataset = self.val_dataset = self.predict_dataset = None
 
@@ -104,11 +131,22 @@ class SegmentationFolderDataModule(LightningDataModule):
                 names = names[1:]
         else:
             # the largest training label sets the class count (every training mask is read once here)
-            count = check_segmentation_pairs(self.train_pairs, None, self.ignore_index,
-                                             self.reduce_zero_label)
+            count = check_segmentation_pairs(self.train_pairs, None, self.ignore_index, self.reduce_zero_label,
+                                             "counting classes in the training masks")
+            self._train_pairs_scanned = True
+            if count < 2:
+                raise DatasetError(
+                    f"{self.train_mask_dir}: the masks hold a single class (label 0; every other pixel is the ignore "
+                    f"index {self.ignore_index}), and segmentation needs at least two. {self.ignore_index} is the "
+                    f"ignore index: if it marks your objects (binary masks of 0 and {self.ignore_index}), write "
+                    f"them as 1 instead (e.g. numpy: mask // {self.ignore_index}), or set --data.ignore_index to a "
+                    "value the masks do not use; name the classes with --data.classes or root/classes.txt")
             return [f"class_{index}" for index in range(count)]
         if not names:
             raise DatasetError(f"{names_file}: no class names in it")
+        if len(names) < 2:
+            raise DatasetError(f"{self.root}: one class ({names[0]}); segmentation needs at least two "
+                               "(e.g. background and your object)")
         return names
 
     def _transform(self, training: bool) -> SegmentationTransform:
@@ -118,17 +156,21 @@ class SegmentationFolderDataModule(LightningDataModule):
                                      reduce_zero_label=self.reduce_zero_label)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.scan:
-            check_segmentation_pairs(self.train_pairs + self.val_pairs, self.num_classes,
-                                     self.ignore_index, self.reduce_zero_label)
-        if stage in ("fit", "validate", "test"):
-            self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True))
-            self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False))
+        """Build the datasets of ``stage``, after scanning the files it reads (unless ``scan`` is off)."""
         if stage == "predict":
             paths = (prediction_paths(Path(self.predict_root).expanduser()) if self.predict_root
                      else [image for image, _ in self.val_pairs])
+            if self.scan:
+                check_images(paths, "checking images to predict")
             cfg = self.data_config
             self.predict_dataset = UnlabelledImages(paths, partial(image_to_tensor, mean=cfg.mean, std=cfg.std))
+            return
+        if self.scan:
+            scan_train = stage == "fit" and not self._train_pairs_scanned
+            pairs = self.train_pairs + self.val_pairs if scan_train else self.val_pairs
+            check_segmentation_pairs(pairs, self.num_classes, self.ignore_index, self.reduce_zero_label)
+        self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True))
+        self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False))
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
         workers = self.num_workers
@@ -136,7 +178,7 @@ class SegmentationFolderDataModule(LightningDataModule):
                           num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.train_dataset) > self.batch_size
+        drop_last = drop_last_batch(self, len(self.train_dataset), self.batch_size)
         return self._loader(self.train_dataset, True, self.batch_size, drop_last)
 
     def val_dataloader(self) -> DataLoader:

@@ -4,20 +4,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from lightning import LightningModule
 from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 import bilevel
 
+from .base import FineTuningTask
 from .optim import build_optimizer
 
 __all__ = ["ImageClassifier"]
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(FineTuningTask):
     """Fine-tune any registered backbone on class folders.
 
     The backbone is ``self.model`` (so a checkpoint's ``state_dict`` holds it under ``model.``, which
@@ -26,11 +27,11 @@ class ImageClassifier(LightningModule):
 
     model_name: a name from ``bilevel.list_models()``.
     num_classes / class_names: set from the data by the ``bilevel`` CLI.
-    checkpoint_path: official ``.pth`` (or a ``bilevel fit`` checkpoint) to start from; the classifier is
-        replaced when its class count differs.
+    checkpoint_path: official ``.pth`` (or a ``bilevel fit`` checkpoint) to start from, read in ``setup``
+        (see :class:`~bilevel.tasks.base.FineTuningTask`); the classifier is replaced when its class count differs.
     model_kwargs: extra constructor arguments of the backbone (e.g. a smaller ``depth`` for quick runs).
     layer_decay: layer-wise lr decay factor (e.g. 0.75), or None.
-    mixup_alpha / cutmix_alpha: timm Mixup/CutMix strengths (0 = off); needs even batch sizes.
+    mixup_alpha / cutmix_alpha: timm Mixup/CutMix strengths (0 = off); see :meth:`mix` for odd batches.
     """
 
     def __init__(self, model_name: str = "biformer_tiny", num_classes: int = 1000,
@@ -43,8 +44,8 @@ class ImageClassifier(LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
         self.save_hyperparameters()
-        self.model = bilevel.create_model(model_name, checkpoint_path=checkpoint_path, num_classes=num_classes,
-                                          drop_path_rate=drop_path_rate, **(model_kwargs or {}))
+        self.model = bilevel.create_model(model_name, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                          **(model_kwargs or {}))
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -61,10 +62,23 @@ class ImageClassifier(LightningModule):
         """images (N, 3, H, W) -> logits (N, num_classes)."""
         return self.model(images)
 
+    def mix(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixup/CutMix: images (N, 3, H, W), labels (N,) -> mixed images (N, 3, H, W), targets (N, num_classes).
+
+        timm mixes pairs of samples, so with an odd N the first N - 1 are mixed and the last keeps its image
+        with the plain (label-smoothed) one-hot target: every sample is trained on.
+        """
+        paired = len(images) - len(images) % 2
+        plain = mixup_target(labels[paired:], self.mixup.num_classes, lam=1.0, smoothing=self.mixup.label_smoothing)
+        if paired == 0:
+            return images, plain
+        mixed, soft = self.mixup(images[:paired], labels[:paired])
+        return torch.cat([mixed, images[paired:]]), torch.cat([soft, plain])
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch
         if self.mixup is not None:
-            mixed, soft = self.mixup(images, labels)
+            mixed, soft = self.mix(images, labels)
             logits = self(mixed)
             loss = self.soft_loss(logits, soft)
         else:

@@ -4,13 +4,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch.nn.functional as F
-from lightning import LightningModule
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 import bilevel
 
+from ..models._pyramid import InputSizeError
 from ..models.heads import create_head
+from .base import FineTuningTask
 from .optim import build_optimizer
 
 __all__ = ["SemanticSegmenter", "sliding_window_logits"]
@@ -42,7 +43,7 @@ def sliding_window_logits(predict, images: Tensor, window: int, stride: int, num
     return total / counts
 
 
-class SemanticSegmenter(LightningModule):
+class SemanticSegmenter(FineTuningTask):
     """Fine-tune a registered backbone with a Semantic FPN or UPerNet head.
 
     ``self.backbone``: the backbone without classifier or final norm, giving its four NCHW stage maps
@@ -51,8 +52,13 @@ class SemanticSegmenter(LightningModule):
     ``model_kwargs``, ``head``, ``num_classes`` and ``class_names``.
 
     head: "fpn" (Semantic FPN) or "upernet". head_kwargs: channel widths etc. of the head.
+    checkpoint_path: official ``.pth`` (or a ``bilevel fit`` checkpoint) whose backbone to start
+        from, read in ``setup`` (see :class:`~bilevel.tasks.base.FineTuningTask`); its classifier is left out.
+    ignore_index: the label of pixels left out of loss and metrics; must equal the data module's.
     inference: "whole" or "slide" (windows of ``window`` px every ``stride`` px) for validation/prediction.
     """
+
+    start_weights_into = "backbone"
 
     def __init__(self, model_name: str = "biformer_tiny", num_classes: int = 150,
                  class_names: Optional[list[str]] = None, head: str = "fpn",
@@ -67,16 +73,27 @@ class SemanticSegmenter(LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
         self.save_hyperparameters()
-        self.backbone = bilevel.create_model(model_name, checkpoint_path=checkpoint_path, num_classes=0,
-                                             drop_path_rate=drop_path_rate, **(model_kwargs or {}))
+        self.backbone = bilevel.create_model(model_name, num_classes=0, drop_path_rate=drop_path_rate,
+                                             **(model_kwargs or {}))
+        unpruned_keys = set(self.backbone.state_dict())
         self.backbone.prune_intermediate_layers(indices=len(self.backbone.feature_info), prune_norm=True,
                                                 prune_head=True)
+        # the final norm, which the stage maps skip: start weights hold it, the pruned backbone does not
+        self.start_weights_left_out = frozenset(unpruned_keys - set(self.backbone.state_dict()))
         channels = [info["num_chs"] for info in self.backbone.feature_info]
         self.decode_head = create_head(head, channels, num_classes, **(head_kwargs or {}))
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         metric_args = dict(num_classes=num_classes, ignore_index=ignore_index)
         self.val_miou = MulticlassJaccardIndex(average="macro", **metric_args)
         self.val_pixel_acc = MulticlassAccuracy(average="micro", **metric_args)
+
+    def setup(self, stage: str) -> None:
+        """Refuse an ignore index other than the data module's, then load the start weights."""
+        data_ignore_index = getattr(self.trainer.datamodule, "ignore_index", None)
+        if data_ignore_index is not None and data_ignore_index != self.hparams.ignore_index:
+            raise ValueError(f"--model.ignore_index is {self.hparams.ignore_index} but --data.ignore_index is "
+                             f"{data_ignore_index}: set both to the label of the pixels to leave out")
+        super().setup(stage)
 
     def forward(self, images: Tensor) -> Tensor:
         """images (N, 3, H, W) -> logits (N, num_classes, H, W) (whole image)."""
@@ -115,8 +132,15 @@ class SemanticSegmenter(LightningModule):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """{"path": [str] x N, "mask": (N, H, W) int64 class map at the input resolution}."""
-        return {"path": list(batch["path"]), "mask": self.infer(batch["image"]).argmax(dim=1)}
+        """{"path": [str] x N, "mask": (N, H, W) int64 class map at the input resolution}.
+
+        raises: InputSizeError naming the image file(s) when the network cannot take them (too small).
+        """
+        try:
+            logits = self.infer(batch["image"])
+        except InputSizeError as error:
+            raise InputSizeError(f"{', '.join(batch['path'])}: {error}") from None
+        return {"path": list(batch["path"]), "mask": logits.argmax(dim=1)}
 
     def configure_optimizers(self):
         hp = self.hparams

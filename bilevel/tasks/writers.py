@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import os
+from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -12,14 +14,60 @@ from PIL import Image
 
 from ..viz.masks import mask_palette
 
-__all__ = ["PredictionWriter"]
+__all__ = ["PredictionWriter", "mask_file_names"]
+
+
+def mask_file_names(paths: Iterable[str]) -> dict[str, Path]:
+    """Predicted image path -> its mask file, relative to the masks folder: one distinct file per image.
+
+    Each image keeps its folder relative to the prediction root (the common folder of all the paths) and
+    is named ``<stem>.png``; images of one folder sharing a stem (``x.jpg``, ``x.png``) are named by their
+    full name instead (``x.jpg.png``, ``x.png.png``).
+    raises: ValueError naming two images that would still share a mask file.
+    """
+    originals = list(dict.fromkeys(str(path) for path in paths))
+    images = [Path(path).absolute() for path in originals]
+    if not images:
+        return {}
+    root = Path(os.path.commonpath([image.parent for image in images]))
+    stems = Counter((image.parent, image.stem) for image in images)
+    names: dict[str, Path] = {}
+    owners: dict[Path, Path] = {}
+    for original, image in zip(originals, images):
+        name = image.name if stems[image.parent, image.stem] > 1 else image.stem
+        target = image.parent.relative_to(root) / f"{name}.png"
+        if target in owners:
+            raise ValueError(f"{owners[target]} and {image} would both write the mask {target}: rename one")
+        owners[target] = image
+        names[original] = target
+    return names
+
+
+def _dataset_paths(dataloaders) -> Optional[list[str]]:
+    """Every image path of the prediction dataloader(s), or None when a dataset does not list its ``paths``."""
+    if dataloaders is None:
+        return None
+    if isinstance(dataloaders, dict):
+        loaders = list(dataloaders.values())
+    elif isinstance(dataloaders, (list, tuple)):
+        loaders = list(dataloaders)
+    else:
+        loaders = [dataloaders]
+    listed = [getattr(loader.dataset, "paths", None) for loader in loaders]
+    if any(paths is None for paths in listed):
+        return None
+    return [str(path) for paths in listed for path in paths]
 
 
 class PredictionWriter(BasePredictionWriter):
     """Writes what ``predict_step`` returns, batch by batch.
 
     {"path", "probabilities"} -> ``<output_dir>/predictions.csv`` (path, label, score, one column per class);
-    {"path", "mask"} -> ``<output_dir>/masks/<image stem>.png`` (palette PNG, pixel value = class index).
+    {"path", "mask"} -> ``<output_dir>/masks/<sub-folders>/<image stem>.png`` (palette PNG, pixel value = class
+    index). The sub-folders are the image's own, relative to the prediction root (the common folder of all
+    predicted images), so ``a/same.jpg`` and ``b/same.jpg`` give ``masks/a/same.png`` and ``masks/b/same.png``;
+    images of one folder sharing a stem are named by their full name (``x.jpg`` -> ``masks/x.jpg.png``,
+    ``x.png`` -> ``masks/x.png.png``); see :func:`mask_file_names`. No mask overwrites another.
     output_dir: default ``<log dir>/predictions``. With several processes each writes its own CSV
     (``predictions-rank<r>.csv``).
     """
@@ -29,6 +77,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = output_dir
         self.csv_path: Optional[Path] = None
         self.masks_dir: Optional[Path] = None
+        self.mask_names: Optional[dict[str, Path]] = None
 
     def _resolve_dir(self, trainer) -> Path:
         if self.output_dir is not None:
@@ -41,6 +90,8 @@ class PredictionWriter(BasePredictionWriter):
         name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
         self.csv_path, self.masks_dir = folder / name, folder / "masks"
         self._csv_started = False
+        paths = _dataset_paths(trainer.predict_dataloaders)
+        self.mask_names = mask_file_names(paths) if paths is not None else None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
@@ -60,13 +111,17 @@ class PredictionWriter(BasePredictionWriter):
                 writer.writerow([path, class_names[best], f"{probs[best]:.6f}"] + [f"{p:.6f}" for p in probs])
 
     def _write_masks(self, paths, masks) -> None:
-        self.masks_dir.mkdir(parents=True, exist_ok=True)
         for path, mask in zip(paths, masks.cpu().numpy()):
+            if self.mask_names is None or path not in self.mask_names:
+                raise ValueError(f"{path}: not among the prediction dataset's paths; PredictionWriter names masks "
+                                 "from the `paths` list of the dataset (as bilevel.data.UnlabelledImages has)")
             if mask.max() > 255:
                 raise ValueError(f"{path}: class index {int(mask.max())} does not fit a PNG mask (at most 255)")
             picture = Image.fromarray(mask.astype(np.uint8), mode="P")
             picture.putpalette(mask_palette())
-            picture.save(self.masks_dir / f"{Path(path).stem}.png")
+            target = self.masks_dir / self.mask_names[path]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(target)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         written = self.csv_path if self._csv_started else self.masks_dir

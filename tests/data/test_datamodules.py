@@ -4,12 +4,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bilevel.data import (DatasetError, ImageFolderDataModule, ImageReadError, SegmentationFolderDataModule,
+from bilevel.data import (DatasetError, ImageFolderDataModule, SegmentationFolderDataModule,
                           ShapesSegmentationDataModule, builtin_shapes)
 from bilevel.data.shapes import SEGMENTATION_CLASSES, render_scene
 
@@ -90,13 +91,100 @@ def test_missing_root_is_named(tmp_path):
         ImageFolderDataModule(str(tmp_path / "nowhere"))
 
 
-def test_corrupt_image_is_named_by_the_scan_before_training(tmp_path):
+def test_every_corrupt_image_is_named_by_the_scan_before_training(tmp_path, capsys):
     root = _class_tree(tmp_path)
-    bad = root / "val" / "dog" / "1.png"
-    bad.write_bytes(bad.read_bytes()[:40])
+    bad = [root / "val" / "dog" / "1.png", root / "train" / "cat" / "2.png"]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:40])
     data = ImageFolderDataModule(str(root), num_workers=0)
-    with pytest.raises(ImageReadError, match=str(bad)):
+    with pytest.raises(DatasetError, match="2 problems") as raised:
         data.setup("fit")
+    assert all(f"{path}: cannot read this image" in str(raised.value) for path in bad)
+    assert "checking images" in capsys.readouterr().err   # the scan's progress bar
+
+
+def test_truncated_jpeg_is_caught_before_training(tmp_path):
+    root = _class_tree(tmp_path)
+    cut = root / "train" / "dog" / "cut.jpg"
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    data = ImageFolderDataModule(str(root), num_workers=0)
+    with pytest.raises(DatasetError, match=f"{cut}: cannot read this image.*truncated"):
+        data.setup("fit")
+
+
+def test_validation_without_a_training_class_is_fine(tmp_path):
+    root = _class_tree(tmp_path, classes=("cat", "dog", "emu"), splits=("train",))
+    _class_tree(root, classes=("cat", "emu"), splits=("val",))
+    data = ImageFolderDataModule(str(root), num_workers=0)
+    assert data.class_names == ["cat", "dog", "emu"]
+    assert sorted({label for _, label in data.val_samples}) == [0, 2] and len(data.val_samples) == 6
+
+
+def test_class_folders_include_nested_images_but_not_hidden_ones(tmp_path):
+    root = _class_tree(tmp_path)
+    _image(root / "train" / "cat" / "more" / "deeper" / "x.png")
+    _image(root / "train" / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    _image(root / "train" / "emu" / "sub" / "only.png")
+    _image(root / "val" / "emu" / "e.png")
+    data = ImageFolderDataModule(str(root), num_workers=0)
+    assert data.class_names == ["cat", "dog", "emu"]
+    train = {(str(path.relative_to(root / "train")), label) for path, label in data.train_samples}
+    assert ("cat/more/deeper/x.png", 0) in train and ("emu/sub/only.png", 2) in train
+    assert len(train) == 3 + 1 + 3 + 1
+
+
+def test_broken_link_in_a_class_folder_is_named(tmp_path):
+    root = _class_tree(tmp_path)
+    link = root / "train" / "dog" / "moved.png"
+    link.symlink_to(tmp_path / "elsewhere" / "moved.png")
+    with pytest.raises(DatasetError, match=f"{link}: broken symbolic link"):
+        ImageFolderDataModule(str(root))
+
+
+def test_one_class_is_named_before_the_metrics_fail(tmp_path):
+    root = _class_tree(tmp_path / "cats", classes=("cat",))
+    with pytest.raises(DatasetError, match=f"{root}: only one class folder \\(cat\\)"):
+        ImageFolderDataModule(str(root))
+
+
+def test_validate_and_test_scan_the_validation_images(tmp_path):
+    root = _class_tree(tmp_path)
+    bad = root / "val" / "cat" / "0.png"
+    bad.write_bytes(b"not an image")
+    for stage in ("validate", "test"):
+        with pytest.raises(DatasetError, match=f"{bad}: cannot read this image"):
+            ImageFolderDataModule(str(root), num_workers=0).setup(stage)
+
+
+def test_predict_lists_every_unreadable_image_and_skips_hidden_folders(tmp_path):
+    root = _class_tree(tmp_path / "data")
+    new = tmp_path / "new"
+    _image(new / "good.png")
+    _image(new / "sub" / "fine.png")
+    _image(new / ".ipynb_checkpoints" / "good-checkpoint.png")
+    broken = [new / "a.png", new / "sub" / "b.jpg"]
+    for path in broken:
+        path.write_bytes(b"garbage")
+    data = ImageFolderDataModule(str(root), num_workers=0, predict_root=str(new))
+    with pytest.raises(DatasetError, match="2 problems") as raised:
+        data.setup("predict")
+    assert all(str(path) in str(raised.value) for path in broken)
+    for path in broken:
+        path.unlink()
+    data.setup("predict")
+    assert data.predict_dataset.paths == [new / "good.png", new / "sub" / "fine.png"]
+
+
+@pytest.mark.parametrize("world_size, drop_last", [(1, True), (16, False)])
+def test_last_partial_batch_is_dropped_only_when_every_process_keeps_a_batch(tmp_path, world_size, drop_last):
+    """1000 samples in batches of 64: one process has 15 full batches; 16 processes have 63 samples each."""
+    classification = ImageFolderDataModule(str(_class_tree(tmp_path / "c")), batch_size=64, num_workers=0)
+    segmentation = SegmentationFolderDataModule(str(_segmentation_tree(tmp_path / "s")), batch_size=64, num_workers=0)
+    for data in (classification, segmentation):
+        data.trainer = SimpleNamespace(world_size=world_size)
+        data.train_dataset = list(range(1000))
+        assert data.train_dataloader().drop_last is drop_last
 
 
 def test_segmentation_folders_give_joint_crops(tmp_path):
@@ -134,6 +222,82 @@ def test_label_outside_the_class_range_is_named(tmp_path):
     data = SegmentationFolderDataModule(str(root), classes=["a", "b"], num_workers=0)
     with pytest.raises(DatasetError, match=r"train/masks/0.png: label 7 is outside the class range 0..1"):
         data.setup("fit")
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_validation_masks_are_scanned_before_validate_and_test(tmp_path, stage):
+    root = _segmentation_tree(tmp_path)
+    _mask(root / "val" / "masks" / "0.png", np.zeros((20, 40)))
+    _mask(root / "val" / "masks" / "1.png", np.full((40, 40), 7))
+    data = SegmentationFolderDataModule(str(root), classes=["a", "b"], num_workers=0)
+    with pytest.raises(DatasetError, match="2 problems") as raised:
+        data.setup(stage)
+    assert "val/masks/0.png: mask size 40x20 differs from its image 0.jpg (40x40)" in str(raised.value)
+    assert "val/masks/1.png: label 7 is outside the class range 0..1" in str(raised.value)
+
+
+def test_segmentation_predict_scans_the_images_first(tmp_path):
+    root = _segmentation_tree(tmp_path / "data")
+    broken = _image(tmp_path / "new" / "photo.jpg")
+    broken.write_bytes(broken.read_bytes()[:100])
+    data = SegmentationFolderDataModule(str(root), num_workers=0, predict_root=str(tmp_path / "new"))
+    with pytest.raises(DatasetError, match=f"{broken}: cannot read this image"):
+        data.setup("predict")
+
+
+def test_binary_masks_of_0_and_255_say_that_255_is_ignored(tmp_path):
+    root = _segmentation_tree(tmp_path, label=255)
+    with pytest.raises(DatasetError, match=f"{root / 'train' / 'masks'}: the masks hold a single class") as raised:
+        SegmentationFolderDataModule(str(root))
+    assert "255 is the ignore index" in str(raised.value) and "write them as 1" in str(raised.value)
+
+
+def test_masks_holding_only_the_ignore_index_are_named(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    for mask in root.glob("*/masks/*.png"):
+        _mask(mask, np.full((40, 40), 255))
+    with pytest.raises(DatasetError, match=f"{root / 'train' / 'masks'}: every mask holds only the ignore index 255"):
+        SegmentationFolderDataModule(str(root))
+
+
+def test_a_single_segmentation_class_is_named(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    with pytest.raises(DatasetError, match=f"{root}: one class \\(object\\)"):
+        SegmentationFolderDataModule(str(root), classes=["object"])
+
+
+def test_images_sharing_a_stem_are_named(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    _image(root / "train" / "images" / "1.png")
+    with pytest.raises(DatasetError, match=r"train/images: files differing only in extension .*1.jpg and 1.png"):
+        SegmentationFolderDataModule(str(root))
+
+
+def test_jpeg_masks_are_refused(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    (root / "val" / "masks" / "1.png").unlink()
+    Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(root / "val" / "masks" / "1.jpg")
+    with pytest.raises(DatasetError, match=r"val/masks/1.jpg: masks must be lossless"):
+        SegmentationFolderDataModule(str(root))
+
+
+def test_mask_drawn_on_the_upright_phone_photo_fits(tmp_path):
+    """The photo is stored 40 wide and 30 high with EXIF orientation 6: shown 30 wide and 40 high, top half red."""
+    root = _segmentation_tree(tmp_path, size=(30, 40))
+    stored = np.zeros((30, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    photo = Image.fromarray(stored)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(root / "val" / "images" / "0.jpg", exif=exif, quality=95)
+    labels = np.zeros((40, 30), dtype=np.uint8)
+    labels[:20] = 1                                   # the red half, as the user sees it
+    _mask(root / "val" / "masks" / "0.png", labels)
+    data = SegmentationFolderDataModule(str(root), image_size=32, num_workers=0)
+    data.setup("fit")
+    image, target = data.val_dataset[0]
+    red = image[0] > image[2]
+    assert (red == (target == 1)).float().mean() > 0.95
 
 
 def test_image_without_mask_is_named(tmp_path):

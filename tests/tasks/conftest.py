@@ -21,13 +21,19 @@ def bilevel_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bilevel_cache")
 
 
-def run_bilevel(args: list[str], cwd: Path, cache: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    """Run ``bilevel <args>`` (the console script of this environment) and fail with its output if it fails."""
+def run_bilevel(args: list[str], cwd: Path, cache: Path, timeout: int = 400,
+                should_fail: bool = False) -> subprocess.CompletedProcess:
+    """Run ``bilevel <args>`` (the console script of this environment) and fail with its output if it fails
+    (or, with ``should_fail``, if it succeeds)."""
     script = Path(sys.executable).with_name("bilevel")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "bilevel.cli"]
     env = dict(os.environ, BILEVEL_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     result = subprocess.run(command + args + QUICK, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
+    if should_fail:
+        if result.returncode == 0:
+            pytest.fail(f"bilevel {' '.join(args)} succeeded but should have failed:\n{result.stderr[-3000:]}")
+        return result
     if result.returncode != 0:
         pytest.fail(f"bilevel {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                     f"{result.stderr[-6000:]}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,38 @@ def test_ddp_two_processes_on_a_user_folder_agrees_with_one_process(tmp_path, bi
     ddp_acc, single_acc = column(ddp, "val/acc1")[-1], column(single, "val/acc1")[-1]
     assert abs(ddp_acc - single_acc) <= 1 / 48 + 1e-6, (ddp_acc, single_acc)
     np.testing.assert_allclose(column(ddp, "val/loss")[-1], column(single, "val/loss")[-1], rtol=1e-3)
+
+
+def test_official_weights_start_a_run_and_are_never_read_again(tmp_path, bilevel_cache):
+    """--model.checkpoint_path starts fit; predict and resume with --ckpt_path work once the .pth has moved."""
+    start = tmp_path / "official.pth"
+    torch.save({"model": bilevel.create_model("biformer_tiny", depth=[1, 1, 1, 1]).state_dict()}, start)
+    refused = run_bilevel(["fit", "--config", CONFIG, "--ckpt_path", str(start)], tmp_path, bilevel_cache,
+                          should_fail=True)
+    assert f"{start} is not a checkpoint written by `bilevel fit`" in refused.stderr
+    assert f"--model.checkpoint_path {start}" in refused.stderr
+
+    quick_fit = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
+    run_bilevel(["fit", "--config", CONFIG, "--model.checkpoint_path", str(start), *quick_fit], tmp_path,
+                bilevel_cache)
+    checkpoint = tmp_path / RUN_DIR / "version_0" / "checkpoints" / "last.ckpt"
+    start.rename(tmp_path / "moved.pth")
+
+    # the same images under other class-folder names: predictions keep the checkpoint's class names
+    renamed = tmp_path / "renamed"
+    shutil.copytree(bilevel.data.builtin_shapes(bilevel_cache) / "classification", renamed)
+    for split in ("train", "val"):
+        for folder in (renamed / split).iterdir():
+            folder.rename(folder.with_name(f"kind_{folder.name}"))
+    run_bilevel(["predict", "--config", CONFIG, "--model.checkpoint_path", str(start), "--ckpt_path",
+                 str(checkpoint), "--data", "bilevel.data.ImageFolderDataModule", "--data.root", str(renamed)],
+                tmp_path, bilevel_cache)
+    [table] = (tmp_path / RUN_DIR).glob("version_*/predictions/predictions.csv")
+    with open(table, newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header[3:] == read_checkpoint(checkpoint)["hyper_parameters"]["class_names"]
+
+    run_bilevel(["fit", "--config", CONFIG, "--model.checkpoint_path", str(start), "--ckpt_path", str(checkpoint),
+                 "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1"], tmp_path, bilevel_cache)
+    resumed = [path for path in (tmp_path / RUN_DIR).glob("version_*/checkpoints/last.ckpt") if path != checkpoint]
+    assert [read_checkpoint(path)["global_step"] for path in resumed] == [3]

@@ -1,13 +1,27 @@
-"""Segmentation pieces in-process: decode heads, sliding-window inference, optimiser groups."""
+"""Segmentation pieces in-process: decode heads, sliding-window inference, optimiser groups, start weights,
+prediction masks."""
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
+from lightning import Trainer
+from PIL import Image
 from torch import nn
 
+import bilevel
+from bilevel.cli import main
+from bilevel.data import SegmentationFolderDataModule
+from bilevel.models._pyramid import InputSizeError
 from bilevel.models.heads import HEADS, create_head
-from bilevel.tasks import SemanticSegmenter, sliding_window_logits
+from bilevel.tasks import PredictionWriter, SemanticSegmenter, sliding_window_logits
 from bilevel.tasks.optim import parameter_groups, warmup_cosine
+from bilevel.tasks.writers import mask_file_names
+
+from .conftest import CONFIGS, QUICK
 
 SMALL = dict(model_name="biformer_tiny", num_classes=3, model_kwargs={"depth": [1, 1, 1, 1]},
              head_kwargs={"fpn_channels": 32, "head_channels": 16})
@@ -81,3 +95,76 @@ def test_warmup_then_cosine_schedule():
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
     assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 15 / 16)).item()))
+
+
+def _picture(path: Path, size: tuple[int, int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.RandomState(sum(size)).randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _dataset(root: Path) -> Path:
+    """A two-class segmentation folder of 64 x 64 pictures."""
+    for split in ("train", "val"):
+        for item in range(2):
+            _picture(root / split / "images" / f"{item}.png", (64, 64))
+            mask = np.zeros((64, 64), dtype=np.uint8)
+            mask[:32] = 1
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / split / "masks" / f"{item}.png")
+    return root
+
+
+def _predict(tmp_path: Path, predict_root: Path, model: SemanticSegmenter) -> Path:
+    """Run Trainer.predict with the PredictionWriter; returns the masks folder."""
+    data = SegmentationFolderDataModule(str(_dataset(tmp_path / "data")), image_size=64, num_workers=0,
+                                        predict_root=str(predict_root))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[PredictionWriter(str(tmp_path / "out"))])
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    return tmp_path / "out" / "masks"
+
+
+def test_masks_of_images_sharing_a_stem_do_not_overwrite_each_other(tmp_path):
+    sizes = {"a/same.jpg": (64, 72), "b/same.jpg": (72, 64), "x.jpg": (80, 64), "x.png": (64, 80), "y.png": (64, 64)}
+    for name, size in sizes.items():
+        _picture(tmp_path / "new" / name, size)
+    masks = _predict(tmp_path, tmp_path / "new", SemanticSegmenter(**{**SMALL, "num_classes": 2}).eval())
+    expected = {"a/same.jpg": "a/same.png", "b/same.jpg": "b/same.png", "x.jpg": "x.jpg.png", "x.png": "x.png.png",
+                "y.png": "y.png"}
+    assert sorted(str(path.relative_to(masks)) for path in masks.rglob("*.png")) == sorted(expected.values())
+    for image, mask in expected.items():
+        assert Image.open(masks / mask).size == sizes[image], mask
+
+
+def test_mask_names_keep_folders_below_the_common_root():
+    names = mask_file_names(["/p/new/a/same.jpg", "/p/new/b/same.jpg", "/p/new/x.jpg", "/p/new/x.png"])
+    assert names == {"/p/new/a/same.jpg": Path("a/same.png"), "/p/new/b/same.jpg": Path("b/same.png"),
+                     "/p/new/x.jpg": Path("x.jpg.png"), "/p/new/x.png": Path("x.png.png")}
+
+
+def test_too_small_prediction_image_is_named(tmp_path):
+    _picture(tmp_path / "new" / "fine.png", (64, 64))
+    _picture(tmp_path / "new" / "thumb.png", (20, 16))
+    with pytest.raises(InputSizeError, match=r"new/thumb.png: a 16x20 image is too small"):
+        _predict(tmp_path, tmp_path / "new", SemanticSegmenter(**{**SMALL, "num_classes": 2}).eval())
+
+
+def test_start_weights_skip_the_pruned_norm_and_classifier(tmp_path):
+    start = tmp_path / "official.pth"
+    model = SemanticSegmenter(**SMALL, checkpoint_path=str(start))     # the file does not exist yet
+    official = bilevel.create_model(SMALL["model_name"], num_classes=1000, **SMALL["model_kwargs"]).state_dict()
+    torch.save({"model": official}, start)
+    model.trainer = SimpleNamespace(ckpt_path=None, datamodule=None)
+    model.setup("fit")
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, official[key], msg=key)
+
+
+def test_ignore_index_on_one_side_only_is_named_before_lightning_merges_hparams(tmp_path, monkeypatch, bilevel_cache):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BILEVEL_CACHE", str(bilevel_cache))
+    args = ["fit", "--config", str(CONFIGS / "quickstart_segmentation.yaml"), "--data.ignore_index", "0",
+            "--trainer.max_steps", "1", *QUICK]
+    with pytest.raises(ValueError, match="--model.ignore_index is 255 but --data.ignore_index is 0"):
+        main(args)

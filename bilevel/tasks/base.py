@@ -1,0 +1,66 @@
+"""What both tasks share: start weights read in ``setup`` (never in ``__init__``), class names kept from checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..models.loading import extract_state_dict, load_pretrained_weights, read_checkpoint
+
+__all__ = ["FineTuningTask"]
+
+
+class FineTuningTask(LightningModule):
+    """Base of the tasks: a backbone started from the ``checkpoint_path`` hyperparameter, when one is given.
+
+    The start weights (an official ``.pth`` or a ``bilevel fit`` checkpoint) are read in :meth:`setup`, on
+    every process, before the optimiser is built and before DDP/FSDP wrap the model; and only when the
+    trainer restores no Lightning checkpoint (``trainer.ckpt_path`` is None). Lightning records a
+    ``fit(ckpt_path=...)`` argument there only after ``setup``, so the ``bilevel`` command sets
+    ``trainer.ckpt_path`` before the run (in Python, do the same). So ``load_from_checkpoint`` and
+    ``--ckpt_path`` never read that file again (it may have moved). A restored checkpoint also brings back
+    the class names the model was trained with.
+
+    Subclasses save ``checkpoint_path`` and ``class_names`` as hyperparameters, set ``self.class_names``,
+    name the attribute holding the backbone in ``start_weights_into`` and, when that backbone lost parts of
+    the registered model (pruning), list their keys in ``self.start_weights_left_out``.
+    """
+
+    #: the attribute holding the backbone the start weights load into
+    start_weights_into = "model"
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: keys of a start-weights file that the backbone no longer has (they are not loaded)
+        self.start_weights_left_out: frozenset[str] = frozenset()
+        # True once the weights are final: start weights loaded, or a Lightning checkpoint restored
+        self._weights_settled = False
+
+    def load_start_weights(self, path: str) -> None:
+        """Load ``path`` into the backbone, as :func:`bilevel.create_model` reads it (a ``bilevel fit`` checkpoint
+        gives its backbone); a classifier of another class count is re-initialised, with a warning."""
+        state = extract_state_dict(read_checkpoint(Path(path).expanduser()), source=str(path), backbone=True)
+        load_pretrained_weights(getattr(self, self.start_weights_into),
+                                {key: value for key, value in state.items() if key not in self.start_weights_left_out},
+                                source=str(path))
+
+    def setup(self, stage: str) -> None:
+        """Load the ``checkpoint_path`` start weights once, unless a Lightning checkpoint is being restored."""
+        path = self.hparams.get("checkpoint_path")
+        if path is not None and not self._weights_settled and self.trainer.ckpt_path is None:
+            self.load_start_weights(path)
+        self._weights_settled = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the checkpoint's class names (warning when the data gave others); its weights are final."""
+        self._weights_settled = True
+        saved = (checkpoint.get("hyper_parameters") or {}).get("class_names")
+        if saved is None or list(saved) == self.class_names:
+            return
+        if self.hparams.get("class_names") is not None:
+            rank_zero_warn(f"the checkpoint was trained with the classes {list(saved)}, but the data gives "
+                           f"{self.class_names}: the checkpoint's class names are used")
+        self.class_names = list(saved)
+        self.hparams["class_names"] = list(saved)
