@@ -47,6 +47,19 @@ def test_any_colour_mode_arrives_as_rgb(mode, tmp_path):
     assert picture.mode == "RGB" and picture.size == (50, 40)
 
 
+def test_a_phone_photo_is_turned_upright(tmp_path):
+    """A JPEG stored 60x30 with EXIF orientation 6 (rotate 90° clockwise) is shown 30x60, as any viewer shows it."""
+    stored = Image.new("RGB", (60, 30), (255, 255, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 30))                 # a red band along the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = write_bytes(tmp_path, "phone.jpg", encoded(stored, "JPEG", quality=95, exif=exif))
+    picture = np.asarray(read_upload(path))
+    assert picture.shape == (60, 30, 3)
+    top, bottom = picture[:5].reshape(-1, 3).mean(0), picture[-5:].reshape(-1, 3).mean(0)
+    assert top[0] > 200 and top[1] < 80 and bottom.min() > 200, "the left edge turns to the top"
+
+
 def test_a_huge_image_is_shrunk_to_the_working_size(tmp_path):
     huge = Image.new("L", (10000, 10000), 90)
     path = write_bytes(tmp_path, "huge.png", encoded(huge, "PNG", compress_level=1))

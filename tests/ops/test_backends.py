@@ -185,7 +185,8 @@ def test_sdpa_off_cpu_chunks_only_for_memory(monkeypatch, limit, calls):
     if limit is not None:
         monkeypatch.setattr(backends.sdpa, "DEVICE_CHUNK_BYTES", limit * per_region)
     selections = []
-    monkeypatch.setattr(_select, "select_regions", lambda *args, **kwargs: selections.append(args) or select_regions(*args, **kwargs))
+    monkeypatch.setattr(_select, "select_regions",
+                        lambda *args, **kwargs: selections.append(args) or select_regions(*args, **kwargs))
     out = routed_attention(query, key, value, indices, 0.3, shape[5], backend="sdpa")
     assert out.shape == (*shape[:2], shape[3], shape[5] * shape[7]) and out.device.type == "meta"
     assert len(selections) == calls                    # keys and values per chunk: 18 query regions in 1 or 9

@@ -7,9 +7,9 @@ whose backward is a slow scatter into that view. Here each routed region is copi
 
 Without autograd on CPU the query regions go in chunks whose routed copy is at most ``CHUNK_BYTES``: the
 copy then stays in cache, and its buffers are allocated once per call, where one large copy, or a fresh
-one per chunk, costs a page fault per 4 KiB (at 1024 px, stage 2 of BiFormer-T, chunking halves the time). On a GPU cache-sized chunks cost more launches
-than they save (twice the time at 1024 px, stage 2, on an H200): there chunks only bound the routed copy's
-memory, at ``DEVICE_CHUNK_BYTES``.
+one per chunk, costs a page fault per 4 KiB (at 1024 px, stage 2 of BiFormer-T, chunking halves the
+time). On a GPU cache-sized chunks cost more launches than they save (twice the time at 1024 px, stage 2,
+on an H200): there chunks only bound the routed copy's memory, at ``DEVICE_CHUNK_BYTES``.
 """
 from __future__ import annotations
 
