@@ -19,6 +19,9 @@ __all__ = ["DatasetError", "require_folder", "class_folders", "check_images", "c
 
 Item = TypeVar("Item")
 
+#: the scan's progress bar appears once a scan has taken this long (a quick scan prints nothing)
+PROGRESS_DELAY_S = 1.0
+
 
 def require_folder(path: Path, what: str) -> Path:
     """``path`` if it is a folder, else a DatasetError saying what was expected there."""
@@ -40,8 +43,9 @@ def class_folders(split_dir: Path) -> list[str]:
 
 
 def _progress(items: Sequence[Item], description: str) -> Iterable[Item]:
-    """``items`` with a progress bar on the first process (the others scan silently)."""
-    return tqdm(items, desc=description, unit="file", leave=False, disable=rank_zero_only.rank != 0)
+    """``items`` with a progress bar on the first process, after ``PROGRESS_DELAY_S`` (the others scan silently)."""
+    return tqdm(items, desc=description, unit="file", leave=False, delay=PROGRESS_DELAY_S,
+                disable=rank_zero_only.rank != 0)
 
 
 def _raise_problems(problems: list[str]) -> None:

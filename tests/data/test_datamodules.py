@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bilevel.data import (DatasetError, ImageFolderDataModule, SegmentationFolderDataModule,
-                          ShapesSegmentationDataModule, builtin_shapes)
+                          ShapesSegmentationDataModule, builtin_shapes, scan)
 from bilevel.data.shapes import SEGMENTATION_CLASSES, render_scene
 
 
@@ -91,7 +91,8 @@ def test_missing_root_is_named(tmp_path):
         ImageFolderDataModule(str(tmp_path / "nowhere"))
 
 
-def test_every_corrupt_image_is_named_by_the_scan_before_training(tmp_path, capsys):
+def test_every_corrupt_image_is_named_by_the_scan_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(scan, "PROGRESS_DELAY_S", 0.0)      # the bar shows at once (normally after a second)
     root = _class_tree(tmp_path)
     bad = [root / "val" / "dog" / "1.png", root / "train" / "cat" / "2.png"]
     for path in bad:
