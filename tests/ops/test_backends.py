@@ -336,12 +336,34 @@ def test_backends_without_soft_routing_refuse_region_weights(backend):
         routed_attention(query, key, value, indices, 0.5, 2, region_weights=weights, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["dense_mask", "flex"])
-def test_mask_backends_refuse_repeated_indices(backend):
+def test_flex_refuses_repeated_indices():
     query, key, value, indices, _ = _random_inputs(*ODD_CASES["tq_ne_tk"])
     indices[0, 0, 1] = indices[0, 0, 0]
     with torch.no_grad(), pytest.raises(ValueError, match="distinct"):
-        routed_attention(query, key, value, indices, 0.5, 2, backend=backend)
+        routed_attention(query, key, value, indices, 0.5, 2, backend="flex")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", [*TRAINABLE, "auto"])
+def test_repeated_indices_count_twice_as_in_the_reference(backend, compiled):
+    """A key region listed twice is gathered, so weighted, twice by the reference; every trainable backend and
+    auto (which takes dense_mask for this small map) give that function, eagerly and compiled."""
+    shape = ODD_CASES["non_square_grid"]                              # topk 3: one region twice, one once
+    query, key, value, indices, _ = _random_inputs(*shape)
+    indices = indices.clone()
+    indices[:, :, -1] = indices[:, :, 0]                               # every query region repeats a region
+    heads, scale = shape[5], 0.5
+    assert backend != "auto" or select_backend(query, key, indices) == "dense_mask"
+    attend = functools.partial(routed_attention, backend=backend)
+    if compiled:
+        attend = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    expected = reference_routed_attention(query, key, value, indices, scale, heads)
+    out = attend(query, key, value, indices, scale, heads)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (query, key, value))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
 def test_triton_kernels_match_reference_in_the_interpreter():
@@ -354,6 +376,13 @@ def test_triton_kernels_match_reference_in_the_interpreter():
                             capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+def test_triton_refuses_float64():
+    query, key, value, indices, _ = (t if t is None else t.detach().double() if t.is_floating_point() else t
+                                     for t in _random_inputs(*ODD_CASES["tq_ne_tk"]))
+    with pytest.raises(ValueError, match="triton: float64"):
+        routed_attention(query, key, value, indices, 0.5, 2, backend="triton")
 
 
 def test_triton_refuses_cpu_without_the_interpreter(monkeypatch):

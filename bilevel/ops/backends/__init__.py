@@ -12,15 +12,16 @@ name           idea                                                             
                products and a softmax on channel slices (small tiles: 224 px, CPU)
 ``recompute``  custom autograd function: saves only q, k, v, output and log-sum-exp;   yes
                the routed regions are re-selected in backward, in chunks of regions
-``dense_mask`` attention over all key tokens with a boolean region mask (small maps)   ValueError
+``dense_mask`` all key tokens, biased by the log of the routing counts (small maps)    ValueError
 ``flex``       FlexAttention with a block mask from the routing indices (CUDA, least   ValueError
                memory; forward only on CPU, where torch has no FlexAttention backward)
 ``triton``     one Triton kernel per pass: the routed regions read in place inside an  ValueError
                online-softmax attention (CUDA; CPU only under Triton's interpreter)
 =============  =====================================================================  ==============
 
-``dense_mask`` and ``flex`` express routing as a set of allowed key regions, so they need distinct
-indices per query region (as ``torch.topk`` gives) and raise ``ValueError`` otherwise.
+``flex`` expresses routing as a set of allowed key regions, so it needs distinct indices per query
+region (as ``torch.topk`` gives) and raises ``ValueError`` otherwise; ``dense_mask`` weighs a region
+listed twice twice, as the reference does.
 """
 from .dense import dense_mask_routed_attention
 from .flex import flex_routed_attention

@@ -101,6 +101,9 @@ def triton_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: 
     """Same function as ``reference_routed_attention`` (no region_weights)."""
     check_shapes(query, key, value, indices, num_heads, region_weights, "triton")
     refuse_region_weights(region_weights, "triton")
+    if query.dtype == torch.float64:
+        raise ValueError("triton: float64 inputs are not supported (the kernels keep softmax statistics and "
+                         "gradients in float32); use backend 'sdpa' or 'reference'")
     if not triton_available(query.device):
         raise ValueError(f"triton: needs a CUDA device with Triton (got {query.device}); on CPU only under "
                          "Triton's interpreter (TRITON_INTERPRET=1), for checking")
