@@ -8,6 +8,7 @@ from torch import nn
 
 from .ops import BiLevelRoutingAttention, NCHWBiLevelRoutingAttention
 from .ops.dbra import DeBiLevelRoutingAttention
+from .ops.lsda import GroupAttention
 
 #: official class name -> our module; the golden op cases and users' code name ops this way
 OPS: dict[str, type[nn.Module]] = {
@@ -15,6 +16,8 @@ OPS: dict[str, type[nn.Module]] = {
     "nchwBRA": NCHWBiLevelRoutingAttention,
     "NCHWBiLevelRoutingAttention": NCHWBiLevelRoutingAttention,
     "DeBiLevelRoutingAttention": DeBiLevelRoutingAttention,
+    # crossformer.py's class is called ``Attention``, like BiFormer's plain one: qualified to avoid the clash
+    "CrossFormerAttention": GroupAttention,
 }
 
 

@@ -109,8 +109,8 @@ class CrossFormerBlock(nn.Module):
         self.group_size, self.interval, self.long_distance = group_size, interval, long_distance
         nominal = plan_groups(nominal_size, group_size, interval, long_distance)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = GroupAttention(dim, num_heads, nominal.group_size, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                   attn_drop=attn_drop, proj_drop=proj_drop)
+        self.attn = GroupAttention(dim, group_size=nominal.group_size, num_heads=num_heads, qkv_bias=qkv_bias,
+                                   qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)

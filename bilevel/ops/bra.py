@@ -16,15 +16,40 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .attention import reference_routed_attention, routed_attention
+from .attention import ATTENTION_BACKENDS, reference_routed_attention, routed_attention
 from .recording import emit, is_recording
 from .regions import (ceil_region_means, fit_to_region_grid, grid_for_region_size, pad_to_multiple,
                       region_merge, region_partition)
 from .routing import TopkRouter, region_affinity, topk_routing
 
-__all__ = ["BiLevelRoutingAttention", "NCHWBiLevelRoutingAttention", "QKVLinear", "lepe_conv"]
+__all__ = ["BiLevelRoutingAttention", "NCHWBiLevelRoutingAttention", "QKVLinear", "lepe_conv", "check_map_shape",
+           "check_n_win_and_backend"]
 
 KV_DOWNSAMPLE_MODES = ("identity", "avgpool", "maxpool", "ada_avgpool", "ada_maxpool")
+
+
+def check_map_shape(x: Tensor, dim: int, channels_last: bool, owner: str) -> None:
+    """Raise a ValueError naming ``owner`` unless x is (N, H, W, dim) (channels_last) or (N, dim, H, W).
+
+    Shape only (no data access), so it is cheap enough for every forward.
+    """
+    channel_axis, other_axis = (3, 1) if channels_last else (1, 3)
+    if x.dim() == 4 and x.shape[channel_axis] == dim:
+        return
+    expected = f"(N, H, W, C={dim}) (NHWC)" if channels_last else f"(N, C={dim}, H, W) (NCHW)"
+    hint = ""
+    if x.dim() == 4 and x.shape[other_axis] == dim:
+        hint = ", which looks like NCHW" if channels_last else ", which looks like NHWC"
+    raise ValueError(f"{owner}: x must be {expected}; got {tuple(x.shape)}{hint}")
+
+
+def check_n_win_and_backend(owner: str, n_win: int, backend: str) -> None:
+    """Constructor checks shared by the BRA modules: ``n_win >= 1`` and a known attention ``backend``."""
+    if n_win < 1:
+        raise ValueError(f"{owner}: n_win must be at least 1 (regions per side), got n_win={n_win}")
+    if backend != "auto" and backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"{owner}: unknown backend={backend!r}; choose 'auto' or one of "
+                         f"{sorted(ATTENTION_BACKENDS)}")
 
 
 def lepe_conv(dim: int, kernel_size: int, stride: int = 1) -> Optional[nn.Conv2d]:
@@ -81,6 +106,7 @@ class BiLevelRoutingAttention(nn.Module):
                  param_attention: str = "qkvo", param_routing: bool = False, diff_routing: bool = False,
                  soft_routing: bool = False, side_dwconv: int = 3, auto_pad: bool = False, backend: str = "auto"):
         super().__init__()
+        check_n_win_and_backend(type(self).__name__, n_win, backend)
         self.dim = dim
         self.n_win = n_win
         self.num_heads = num_heads
@@ -116,6 +142,7 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: Tensor, ret_attn_mask: bool = False):
         """x: (N, H, W, C) -> (N, H, W, C); with ``ret_attn_mask`` also the routing weights,
         routing indices (N, S², topk) and attention weights (N * S², heads, h * w, topk * h * w)."""
+        check_map_shape(x, self.dim, True, type(self).__name__)
         n, height, width, _ = x.shape
         grid = (self.n_win, self.n_win)
         x = fit_to_region_grid(x, grid, self.auto_pad, type(self).__name__)
@@ -163,11 +190,13 @@ class NCHWBiLevelRoutingAttention(nn.Module):
                  topk: int = 4, side_dwconv: int = 3, auto_pad: bool = False, attn_backend: str = "torch",
                  backend: str = "auto"):
         super().__init__()
+        owner = type(self).__name__
+        check_n_win_and_backend(owner, n_win, backend)
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if attn_backend != "torch":
-            raise ValueError(f"attn_backend={attn_backend!r} is not supported; use backend= to pick a "
-                             "bilevel attention backend")
+            raise ValueError(f"{owner}: attn_backend={attn_backend!r} is not supported; the official code "
+                             "accepts only 'torch' (use backend= to pick a bilevel attention backend)")
         self.dim = dim
         self.num_heads = num_heads
         self.n_win = n_win
@@ -179,8 +208,10 @@ class NCHWBiLevelRoutingAttention(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, ret_attn_mask: bool = False):
-        """x: (N, C, H, W) -> (N, C, H, W)."""
-        _, _, height, width = x.shape
+        """x: (N, C, H, W) -> (N, C, H, W); with ``ret_attn_mask`` the official tuple (out, attention
+        weights (N, heads, R, rh * rw, topk * rh * rw)), R the number of (possibly partial) regions."""
+        check_map_shape(x, self.dim, False, type(self).__name__)
+        n, _, height, width = x.shape
         region_size = (height // self.n_win, width // self.n_win)
         if min(region_size) < 1:
             raise ValueError(f"{type(self).__name__}: a {height}x{width} map is smaller than the "
@@ -194,15 +225,20 @@ class NCHWBiLevelRoutingAttention(nn.Module):
         def to_regions(t: Tensor) -> Tensor:                    # (N, C, H, W) -> (N, R, h * w, C)
             return region_partition(pad_to_multiple(t, region_size, channels_last=False).permute(0, 2, 3, 1), grid)
 
-        out = routed_attention(to_regions(q), to_regions(k), to_regions(v), routing.indices, self.scale,
-                               self.num_heads, backend=self.backend)
+        if ret_attn_mask:
+            out, attention = reference_routed_attention(to_regions(q), to_regions(k), to_regions(v), routing.indices,
+                                                        self.scale, self.num_heads, return_attention=True)
+            attention = attention.unflatten(0, (n, -1)).transpose(1, 2)   # (N, heads, R, rh * rw, topk * rh * rw)
+        else:
+            out = routed_attention(to_regions(q), to_regions(k), to_regions(v), routing.indices, self.scale,
+                                   self.num_heads, backend=self.backend)
         out = region_merge(out, grid, region_size)[:, :height, :width].permute(0, 3, 1, 2)
         if self.lepe is not None:
             out = out + self.lepe(v)
         out = self.output_linear(out)
         if is_recording():
-            emit(self, "bra", (height, width), region_grid=grid, region_size=region_size,
+            emit(self, "nchw_bra", (height, width), region_grid=grid, region_size=region_size,
                  indices=routing.indices, logits=routing.logits, weights=routing.weights)
         if ret_attn_mask:
-            return out, routing.indices
+            return out, attention
         return out

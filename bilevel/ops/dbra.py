@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import merge_heads, reference_routed_attention, routed_attention, split_heads
-from .bra import lepe_conv
+from .bra import check_map_shape, check_n_win_and_backend, lepe_conv
 from .recording import emit, is_recording
 from .regions import check_region_grid, fit_to_region_grid, pad_to_multiple, region_merge, region_partition
 from .routing import TopkRouter
@@ -171,6 +171,7 @@ class DeBiLevelRoutingAttention(nn.Module):
                  soft_routing: bool = False, side_dwconv: int = 3, auto_pad: bool = False,
                  param_size: str = "small", uto_pad: Optional[bool] = None, backend: str = "auto"):
         super().__init__()
+        check_n_win_and_backend(type(self).__name__, n_win, backend)
         self.dim = dim
         self.n_win = n_win
         self.num_heads = num_heads
@@ -268,6 +269,7 @@ class DeBiLevelRoutingAttention(nn.Module):
         """x: (N, H, W, C) -> (N, H, W, C); with ``ret_attn_mask`` the official tuple (out, routing
         weights (N, S², topk), routing indices (N, S², topk), routed attention weights
         (N * S², heads, hg * wg, topk * h * w))."""
+        check_map_shape(x, self.dim, True, type(self).__name__)
         n, height, width, channels = x.shape
         grid = (self.n_win, self.n_win)
         x = fit_to_region_grid(x, grid, self.auto_pad, type(self).__name__)

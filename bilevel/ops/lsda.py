@@ -20,7 +20,7 @@ Layout: maps are NHWC ``(N, H, W, C)``; grouped tokens are ``(N, num_groups, G *
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -166,8 +166,10 @@ def relative_position_index(group_size: int, device: Optional[torch.device] = No
     return dy * (2 * group_size - 1) + dx
 
 
-def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
-    """softmax(q kᵀ · scale + bias) v over small groups: q, k, v (..., heads, T, D), bias broadcast to (..., T, T).
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
+                     dropout_p: float = 0.0) -> Tensor:
+    """softmax(q kᵀ · scale + bias) v over small groups: q, k, v (..., heads, T, D), bias None or
+    broadcast to (..., T, T).
 
     On CPU the explicit product is used: for groups of a few dozen tokens with a bias, PyTorch's fused CPU
     kernel measured about 1.6x slower than it (512 groups of 49 tokens, 3 heads of 32 channels; whole
@@ -177,7 +179,7 @@ def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout_p)
     logits = (q * scale) @ k.transpose(-2, -1)
-    weights = torch.softmax(logits + bias, dim=-1)
+    weights = torch.softmax(logits if bias is None else logits + bias, dim=-1)
     return F.dropout(weights, dropout_p) @ v if dropout_p else weights @ v
 
 
@@ -210,31 +212,44 @@ class DynamicPosBias(nn.Module):
 
 
 class GroupAttention(nn.Module):
-    """Multi-head self-attention inside each group, with dynamic position bias (official ``Attention``).
+    """Multi-head self-attention inside each group, with dynamic position bias: the official
+    crossformer.py ``Attention`` (same arguments, order and state-dict keys), built by
+    ``bilevel.create_op("CrossFormerAttention", ...)``.
 
     dim, num_heads: width and heads (channels split head-major); scale head_dim ** -0.5 unless qk_scale.
-    group_size: the G the block was built for; its offset table and index are kept as the
-    non-persistent buffers ``biases`` and ``relative_position_index`` (stored by the v1 checkpoints,
-    dropped on load). Other group sizes (smaller or non-square maps) compute their tables on the fly.
+    group_size: the G the block was built for (an int or a square (G, G) pair); its offset table and
+    index are kept as the non-persistent buffers ``biases`` and ``relative_position_index`` (stored by
+    the v1 checkpoints, dropped on load). Other group sizes (smaller or non-square maps) compute their
+    tables on the fly. position_bias: False builds no DPB (no ``pos``, no buffers) and adds no bias.
     """
 
-    def __init__(self, dim: int, num_heads: int, group_size: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, group_size: Union[int, tuple[int, int]], num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 position_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"GroupAttention: dim={dim} is not divisible by num_heads={num_heads}")
+        if isinstance(group_size, (tuple, list)):
+            if len(group_size) != 2 or group_size[0] != group_size[1]:
+                raise ValueError(f"GroupAttention: group_size must be an int G or a square pair (G, G), "
+                                 f"got {tuple(group_size)}")
+            group_size = group_size[0]
         self.dim, self.num_heads, self.group_size = dim, num_heads, group_size
+        self.has_position_bias = position_bias
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.pos = DynamicPosBias(dim // 4, num_heads)
-        self.register_buffer("biases", relative_offsets(group_size), persistent=False)
-        self.register_buffer("relative_position_index", relative_position_index(group_size), persistent=False)
+        self.pos = DynamicPosBias(dim // 4, num_heads) if position_bias else None
+        if position_bias:
+            self.register_buffer("biases", relative_offsets(group_size), persistent=False)
+            self.register_buffer("relative_position_index", relative_position_index(group_size), persistent=False)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def position_bias(self, group_size: int) -> Tensor:
-        """DPB bias of every (query, key) pair of a G x G group: (num_heads, G^2, G^2)."""
+    def position_bias(self, group_size: int) -> Optional[Tensor]:
+        """DPB bias of every (query, key) pair of a G x G group: (num_heads, G^2, G^2); None without DPB."""
+        if self.pos is None:
+            return None
         if group_size == self.group_size:
             offsets, index = self.biases, self.relative_position_index
         else:
@@ -252,9 +267,12 @@ class GroupAttention(nn.Module):
         n, num_groups, tokens, channels = groups.shape
         qkv = self.qkv(groups).reshape(n, num_groups, tokens, 3, self.num_heads, channels // self.num_heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)             # (N, nG, heads, T, D) each
-        logit_bias = self.position_bias(group_size).to(q.dtype)       # (heads, T, T)
+        logit_bias = self.position_bias(group_size)                   # (heads, T, T) or None
         if key_bias is not None:
-            logit_bias = logit_bias + key_bias[:, None, None, :].to(q.dtype)  # (nG, heads, T, T)
+            key_bias = key_bias[:, None, None, :].to(q.dtype)           # (nG, 1, 1, T)
+            logit_bias = key_bias if logit_bias is None else logit_bias.to(q.dtype) + key_bias
+        elif logit_bias is not None:
+            logit_bias = logit_bias.to(q.dtype)
         out = biased_attention(q, k, v, logit_bias, self.scale, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(merge_heads(out)))
 
@@ -267,7 +285,8 @@ class GroupAttention(nn.Module):
                                       error_msgs)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, group_size={self.group_size}"
+        return (f"dim={self.dim}, group_size={self.group_size}, num_heads={self.num_heads}, "
+                f"position_bias={self.has_position_bias}")
 
 
 def attend_in_groups(x: Tensor, attention: GroupAttention, layout: GroupLayout,

@@ -217,3 +217,99 @@ def test_inductor_compiled_bra_matches_eager():
         expected = op(x)
         compiled = torch.compile(op, backend="inductor")(x)
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+def _official_nchw_bra(op: NCHWBiLevelRoutingAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official ``nchwBRA.forward(x, ret_attn_mask=True)`` (ops/bra_nchw.py + ops/torch/rrsda.py,
+    re-typed) with ``op``'s weights: (out, attn (N, heads, R, rh * rw, topk * rh * rw))."""
+    import torch.nn.functional as F
+    heads, (height, width) = op.num_heads, x.shape[2:]
+    rs = (height // op.n_win, width // op.n_win)
+    q, k, v = op.qkv_linear(x).chunk(3, dim=1)
+    q_r = F.avg_pool2d(q.detach(), kernel_size=rs, ceil_mode=True, count_include_pad=False)
+    k_r = F.avg_pool2d(k.detach(), kernel_size=rs, ceil_mode=True, count_include_pad=False)
+    _, idx = torch.topk(q_r.permute(0, 2, 3, 1).flatten(1, 2) @ k_r.flatten(2, 3), k=op.topk, dim=-1)
+    idx = idx.unsqueeze(1).expand(-1, heads, -1, -1)
+    pb, pr = (-height) % rs[0], (-width) % rs[1]
+    q, k, v = (F.pad(t, (0, pr, 0, pb)) for t in (q, k, v))
+
+    def grid2seq(t):
+        b, c, h, w = t.shape
+        t = t.view(b, heads, c // heads, h // rs[0], rs[0], w // rs[1], rs[1])
+        return torch.einsum("bmdhpwq->bmhwpqd", t).flatten(2, 3).flatten(-3, -2)
+
+    query, key, value = grid2seq(q), grid2seq(k), grid2seq(v)
+    bs, _, regions, kvs, hd = key.shape
+    g = idx.reshape(bs, heads, regions, op.topk, 1, 1).expand(-1, -1, -1, -1, kvs, hd)
+    key_g = torch.gather(key.unsqueeze(2).expand(-1, -1, regions, -1, -1, -1), dim=3, index=g)
+    value_g = torch.gather(value.unsqueeze(2).expand(-1, -1, regions, -1, -1, -1), dim=3, index=g)
+    attn = torch.softmax((query * op.scale) @ key_g.flatten(-3, -2).transpose(-1, -2), dim=-1)
+    out = attn @ value_g.flatten(-3, -2)                   # (N, heads, R, rh * rw, hd)
+    rh, rw = (height + pb) // rs[0], (width + pr) // rs[1]
+    out = torch.einsum("bmhwpqd->bmdhpwq", out.view(bs, heads, rh, rw, rs[0], rs[1], hd))
+    out = out.reshape(bs, heads * hd, rh * rs[0], rw * rs[1])[:, :, :height, :width]
+    return op.output_linear(out + op.lepe(v[:, :, :height, :width])), attn
+
+
+@pytest.mark.parametrize("size", [(14, 14), (15, 17)])
+def test_nchw_bra_ret_attn_mask_returns_the_official_out_and_attention(size):
+    torch.manual_seed(0)
+    op = bilevel.create_op("nchwBRA", dim=12, num_heads=3, n_win=7, topk=2, side_dwconv=5).eval()
+    x = torch.randn(2, 12, *size)
+    with torch.no_grad():
+        out, attn = op(x, ret_attn_mask=True)
+        expected_out, expected_attn = _official_nchw_bra(op, x)
+        plain = op(x)
+    assert attn.shape == expected_attn.shape
+    torch.testing.assert_close(attn, expected_attn, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_nchw_bra_records_its_own_kind():
+    op = NCHWBiLevelRoutingAttention(8, num_heads=1, n_win=2, topk=1)
+    with record_routing(op) as trace:
+        op(torch.randn(1, 8, 4, 4))
+    assert [record.kind for record in trace] == ["nchw_bra"]
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((1, 14, 14, 32), r"got \(1, 14, 14, 32\)$"),
+    ((1, 64, 14, 14), r"got \(1, 64, 14, 14\), which looks like NCHW"),
+    ((14, 14, 64), r"got \(14, 14, 64\)$"),
+])
+@pytest.mark.parametrize("auto_pad", [False, True])
+def test_nhwc_bra_names_the_expected_layout_for_wrong_inputs(shape, message, auto_pad):
+    op = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4, auto_pad=auto_pad)
+    with pytest.raises(ValueError, match=r"^BiLevelRoutingAttention: x must be \(N, H, W, C=64\) \(NHWC\); "
+                                         + message):
+        op(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((1, 14, 14, 12), r"got \(1, 14, 14, 12\), which looks like NHWC"),
+    ((1, 8, 14, 14), r"got \(1, 8, 14, 14\)$"),
+    ((12, 14, 14), r"got \(12, 14, 14\)$"),
+])
+def test_nchw_bra_names_the_expected_layout_for_wrong_inputs(shape, message):
+    op = NCHWBiLevelRoutingAttention(12, num_heads=3, n_win=7, topk=2)
+    with pytest.raises(ValueError, match=r"^NCHWBiLevelRoutingAttention: x must be \(N, C=12, H, W\) \(NCHW\); "
+                                         + message):
+        op(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("cls", [BiLevelRoutingAttention, NCHWBiLevelRoutingAttention])
+def test_bra_refuses_bad_n_win_and_unknown_backends_at_construction(cls):
+    with pytest.raises(ValueError, match=f"^{cls.__name__}: n_win must be at least 1.*n_win=0"):
+        cls(64, num_heads=2, n_win=0)
+    with pytest.raises(ValueError, match=f"^{cls.__name__}: unknown backend='spda'; choose 'auto' or one of") as error:
+        cls(64, num_heads=2, backend="spda")
+    assert all(repr(name) in str(error.value) for name in bilevel.ops.ATTENTION_BACKENDS)
+    for name in ("auto", *bilevel.ops.ATTENTION_BACKENDS):
+        cls(64, num_heads=2, backend=name)
+
+
+def test_nchw_bra_accepts_only_the_official_torch_attn_backend():
+    NCHWBiLevelRoutingAttention(12, num_heads=3, attn_backend="torch")
+    with pytest.raises(ValueError, match="^NCHWBiLevelRoutingAttention: attn_backend='triton' .* only 'torch'"):
+        NCHWBiLevelRoutingAttention(12, num_heads=3, attn_backend="triton")

@@ -145,3 +145,21 @@ def test_reduced_precision_on_cpu_agrees_with_float32(dtype):
         got = op.to(dtype)(x.to(dtype)).float()
     assert torch.isfinite(got).all()
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((1, 28, 28, 64), r"got \(1, 28, 28, 64\)$"),
+    ((1, 128, 28, 28), r"got \(1, 128, 28, 28\), which looks like NCHW"),
+    ((28, 28, 128), r"got \(28, 28, 128\)$"),
+])
+def test_dbra_names_the_expected_layout_for_wrong_inputs(shape, message):
+    with pytest.raises(ValueError, match=r"^DeBiLevelRoutingAttention: x must be \(N, H, W, C=128\) \(NHWC\); "
+                                         + message):
+        small_dbra()(torch.randn(*shape))
+
+
+def test_dbra_refuses_bad_n_win_and_unknown_backends_at_construction():
+    with pytest.raises(ValueError, match="^DeBiLevelRoutingAttention: n_win must be at least 1.*n_win=0"):
+        small_dbra(n_win=0)
+    with pytest.raises(ValueError, match="^DeBiLevelRoutingAttention: unknown backend='spda'; choose 'auto'"):
+        small_dbra(backend="spda")

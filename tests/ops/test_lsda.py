@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bilevel
 from bilevel.ops.lsda import (
     PADDED_KEY_BIAS,
     DynamicPosBias,
@@ -125,17 +126,20 @@ def test_dynamic_position_bias_layout():
 
 
 def _naive_attention(attention: GroupAttention, groups, group_size, key_bias):
-    """Softmax(q * scale @ k^T + DPB + mask) @ v, head by head, as the official module computes it."""
+    """Softmax(q * scale @ k^T + DPB + mask) @ v, head by head, as the official module computes it
+    (without the DPB term when the module was built with position_bias=False)."""
     n, num_groups, tokens, channels = groups.shape
     heads, head_dim = attention.num_heads, channels // attention.num_heads
     q, k, v = attention.qkv(groups).split(channels, dim=-1)
     offsets = relative_offsets(group_size)
-    table = attention.pos(offsets)
+    table = attention.pos(offsets) if attention.pos is not None else None
     index = relative_position_index(group_size)
     outputs = []
     for h in range(heads):
         part = slice(h * head_dim, (h + 1) * head_dim)
-        logits = (q[..., part] * attention.scale) @ k[..., part].transpose(-1, -2) + table[index, h]
+        logits = (q[..., part] * attention.scale) @ k[..., part].transpose(-1, -2)
+        if table is not None:
+            logits = logits + table[index, h]
         if key_bias is not None:
             logits = logits + key_bias[:, None, :]
         outputs.append(logits.softmax(-1) @ v[..., part])
@@ -209,3 +213,40 @@ def test_biased_attention_matches_the_fused_kernel_values_and_gradients():
     grad = torch.randn(ours.shape, generator=generator)
     for expected, actual in zip(torch.autograd.grad(fused, (q, k, v), grad), torch.autograd.grad(ours, (q, k, v), grad)):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_group_attention_takes_the_official_argument_order():
+    # crossformer.py: Attention(dim, group_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, position_bias)
+    attention = GroupAttention(56, 7, 8, False, 0.5, 0.0, 0.0, True)
+    assert (attention.group_size, attention.num_heads, attention.scale) == (7, 8, 0.5)
+    assert attention.qkv.bias is None and attention.pos.pos3[2].out_features == 8
+    assert attention.relative_position_index.shape == (49, 49)
+    assert attention.extra_repr() == "dim=56, group_size=7, num_heads=8, position_bias=True"
+
+
+def test_group_attention_accepts_the_official_square_group_size_pair():
+    assert GroupAttention(32, (5, 5), 2).group_size == 5
+    with pytest.raises(ValueError, match=r"group_size must be an int G or a square pair \(G, G\), got \(5, 7\)"):
+        GroupAttention(32, (5, 7), 2)
+
+
+def test_crossformer_attention_is_created_by_its_qualified_official_name():
+    attention = bilevel.create_op("CrossFormerAttention", dim=64, group_size=(7, 7), num_heads=2)
+    assert isinstance(attention, GroupAttention) and (attention.group_size, attention.num_heads) == (7, 2)
+    with pytest.raises(ValueError, match="unknown operator 'Attention'"):
+        bilevel.create_op("Attention", dim=64, group_size=7, num_heads=2)
+
+
+@pytest.mark.parametrize("map_size", [(9, 12), (10, 13)])
+def test_group_attention_without_position_bias_adds_no_bias(map_size):
+    attention = GroupAttention(dim=32, group_size=3, num_heads=2, position_bias=False).eval()
+    assert set(attention.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    assert dict(attention.named_buffers()) == {} and attention.position_bias(3) is None
+    layout = plan_groups(map_size, 3, 2, long_distance=True)
+    groups = group_tokens(_map(*layout.padded_size, channels=32), layout)
+    key_bias = padded_key_bias(layout)
+    with torch.no_grad():
+        out = attention(groups, 3, key_bias)
+        expected = _naive_attention(attention, groups, 3, key_bias)
+    real = (key_bias == 0).any(dim=1) if key_bias is not None else slice(None)
+    torch.testing.assert_close(out[:, real], expected[:, real], rtol=1e-5, atol=1e-5)
