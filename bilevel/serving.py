@@ -138,9 +138,6 @@ def read_upload(path: PathLike, label: str = "the uploaded file") -> Image.Image
     except ImageReadError as error:
         reason = str(error).split(": ", 1)[-1].replace(f" '{path}'", "").replace(str(path), label)
         raise ServingError(f"{label} is not a readable image: {reason}") from None
-    except Image.DecompressionBombError:
-        raise ServingError(f"{label} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS} "
-                           "pixels)") from None
     return fit_picture(picture)
 
 

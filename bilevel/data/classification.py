@@ -49,12 +49,21 @@ class UnlabelledImages(Dataset):
         return {"image": self.transform(read_image(path)), "path": str(path)}
 
 
-def prediction_paths(folder: Path) -> list[Path]:
-    """The images of a prediction folder (its sub-folders too, hidden ones skipped), or a DatasetError when none."""
-    require_folder(folder, "prediction folder")
-    paths = list_images(folder, recursive=True)
-    if not paths:
-        raise DatasetError(f"{folder}: no image files to predict on")
+def prediction_paths(predict_root: Optional[str], default: Sequence[Path], scan: bool) -> list[Path]:
+    """The images to predict on: those of ``predict_root`` (its sub-folders too, hidden ones skipped), else
+    ``default``; with ``scan``, all decode-checked first (one DatasetError listing every unreadable file).
+
+    raises: DatasetError when the folder is missing or holds no image.
+    """
+    if predict_root is None:
+        paths = list(default)
+    else:
+        folder = require_folder(Path(predict_root).expanduser(), "prediction folder")
+        paths = list_images(folder, recursive=True)
+        if not paths:
+            raise DatasetError(f"{folder}: no image files to predict on")
+    if scan:
+        check_images(paths, "checking images to predict")
     return paths
 
 
@@ -147,10 +156,7 @@ class ImageFolderDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Build the datasets of ``stage``, after scanning the images it reads (unless ``scan`` is off)."""
         if stage == "predict":
-            paths = (prediction_paths(Path(self.predict_root).expanduser()) if self.predict_root
-                     else [path for path, _ in self.val_samples])
-            if self.scan:
-                check_images(paths, "checking images to predict")
+            paths = prediction_paths(self.predict_root, [path for path, _ in self.val_samples], self.scan)
             self.predict_dataset = UnlabelledImages(paths, self.transform(training=False))
             return
         if self.scan:

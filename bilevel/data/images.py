@@ -32,7 +32,8 @@ _JPEG_CHECK_SCALE = 8
 # A truncated file is an error, never a silently grey-filled picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+#: what PIL raises for a file it cannot open or decode (DecompressionBombError: over MAX_IMAGE_PIXELS)
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class ImageReadError(ValueError):
@@ -63,7 +64,7 @@ def _open_decoded(path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             upright = image.copy()
-    except (*_READ_ERRORS, Image.DecompressionBombError) as error:
+    except _READ_ERRORS as error:
         raise _read_error(path, error) from None
     ImageOps.exif_transpose(upright, in_place=True)
     return upright
@@ -108,7 +109,7 @@ def check_image(path: PathLike) -> tuple[int, int]:
                 image.load()
             else:
                 image.verify()
-    except (*_READ_ERRORS, Image.DecompressionBombError) as error:
+    except _READ_ERRORS as error:
         raise _read_error(path, error) from None
     return size
 

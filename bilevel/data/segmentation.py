@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .classification import UnlabelledImages, drop_last_batch, prediction_paths
 from .images import image_to_tensor, list_images, read_image, read_mask
-from .scan import DatasetError, check_images, check_segmentation_pairs, require_folder
+from .scan import DatasetError, check_segmentation_pairs, require_folder
 from .shapes import builtin_shapes
 from .transforms import SegmentationTransform, model_data_config
 
@@ -158,10 +158,7 @@ class SegmentationFolderDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Build the datasets of ``stage``, after scanning the files it reads (unless ``scan`` is off)."""
         if stage == "predict":
-            paths = (prediction_paths(Path(self.predict_root).expanduser()) if self.predict_root
-                     else [image for image, _ in self.val_pairs])
-            if self.scan:
-                check_images(paths, "checking images to predict")
+            paths = prediction_paths(self.predict_root, [image for image, _ in self.val_pairs], self.scan)
             cfg = self.data_config
             self.predict_dataset = UnlabelledImages(paths, partial(image_to_tensor, mean=cfg.mean, std=cfg.std))
             return
