@@ -17,21 +17,28 @@ from typing import Optional, Union
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import FSDPStrategy
 
-from .models.loading import CheckpointError, read_checkpoint
+from .models.loading import CheckpointError, is_sharded_checkpoint, read_checkpoint
 
 __all__ = ["BilevelCLI", "main", "require_lightning_checkpoint"]
 
 #: ``--ckpt_path`` values Lightning resolves itself rather than reading a file of that name
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc")
+#: the file of a sharded FSDP checkpoint folder where Lightning keeps everything but the tensors
+SHARDED_METADATA_FILE = "meta.pt"
 
 
-def require_lightning_checkpoint(path: Union[str, Path]) -> None:
+def require_lightning_checkpoint(path: Union[str, Path], sharded_ok: bool = False) -> None:
     """Check (reading weights-only) that ``path`` is a Lightning checkpoint, as ``--ckpt_path`` needs.
 
+    sharded_ok: a sharded FSDP checkpoint folder is accepted (the run uses FSDP); its Lightning metadata
+        file (``meta.pt``) is what gets checked.
     raises: FileNotFoundError, or CheckpointError naming the file and pointing official weights to
-        ``--model.checkpoint_path``.
+        ``--model.checkpoint_path`` and a sharded checkpoint, outside FSDP, to its consolidation.
     """
+    if sharded_ok and is_sharded_checkpoint(path):
+        path = Path(path).expanduser() / SHARDED_METADATA_FILE
     if "pytorch-lightning_version" not in read_checkpoint(path):
         raise CheckpointError(f"{path} is not a checkpoint written by `bilevel fit` (it holds model weights only, "
                               "like the official .pth files): --ckpt_path resumes or reuses a Lightning checkpoint. "
@@ -62,7 +69,7 @@ class BilevelCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None or not _names_a_local_file(str(ckpt_path)):
             return
-        require_lightning_checkpoint(ckpt_path)
+        require_lightning_checkpoint(ckpt_path, sharded_ok=isinstance(self.trainer.strategy, FSDPStrategy))
         self.trainer.ckpt_path = ckpt_path
         config["ckpt_path"] = None
 

@@ -52,13 +52,28 @@ _ZIP_MAGIC = b"PK"
 _PICKLE_MAGIC = b"\x80"
 
 
+#: the file that marks a folder as a torch.distributed.checkpoint (FSDP's sharded checkpoints)
+_SHARDED_MARKER = ".metadata"
+
+
+def is_sharded_checkpoint(path: PathLike) -> bool:
+    """True for a folder written by torch.distributed.checkpoint: FSDP's ``state_dict_type="sharded"``."""
+    return (Path(path).expanduser() / _SHARDED_MARKER).is_file()
+
+
 def read_checkpoint(path: PathLike) -> dict[str, Any]:
     """Read a checkpoint file without executing pickled code (``~`` is expanded).
 
     returns: the object stored in the file, as a dict (a bare state dict is a dict too).
-    raises: FileNotFoundError, or CheckpointError naming the file when it is a directory or not a checkpoint.
+    raises: FileNotFoundError, or CheckpointError naming the file when it is a directory (a sharded FSDP
+        checkpoint gets the command that consolidates it) or not a checkpoint.
     """
     path = Path(path).expanduser()
+    if is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is a sharded checkpoint (a folder FSDP writes with state_dict_type "
+                              "'sharded'), which only FSDP reads back. For one file that a single device reads, "
+                              f"run: python -m lightning.pytorch.utilities.consolidate_checkpoint {path} "
+                              f"(it writes {path}.consolidated)")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file: pass the .pth file inside it")
     if not path.is_file():

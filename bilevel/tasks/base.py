@@ -1,4 +1,5 @@
-"""What both tasks share: start weights read in ``setup`` (never in ``__init__``), class names kept from checkpoints."""
+"""What both tasks share: start weights read in ``setup`` (never in ``__init__``), class names kept from checkpoints,
+and the optimiser (AdamW groups planned on the plain model, warm-up + cosine)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..models.loading import extract_state_dict, load_pretrained_weights, read_checkpoint
+from .optim import ParameterPlan, build_optimizer, parameter_plan
 
 __all__ = ["FineTuningTask"]
 
@@ -23,13 +25,18 @@ class FineTuningTask(LightningModule):
     ``--ckpt_path`` never read that file again (it may have moved). A restored checkpoint also brings back
     the class names the model was trained with.
 
-    Subclasses save ``checkpoint_path`` and ``class_names`` as hyperparameters, set ``self.class_names``,
-    name the attribute holding the backbone in ``start_weights_into`` and, when that backbone lost parts of
+    The optimiser's groups (weight decay, layer-wise lr decay) are planned by parameter name in ``setup``
+    too, on the plain model, and applied in ``configure_optimizers`` to whatever the strategy made of it
+    (FSDP's flat shards, activation-checkpoint wrappers): see :mod:`bilevel.tasks.optim`.
+
+    Subclasses save ``checkpoint_path``, ``class_names`` and the optimiser hyperparameters (``lr``,
+    ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``, ``layer_decay``), set ``self.class_names``,
+    name the attribute holding the backbone in ``backbone_attribute`` and, when that backbone lost parts of
     the registered model (pruning), list their keys in ``self.start_weights_left_out``.
     """
 
-    #: the attribute holding the backbone the start weights load into
-    start_weights_into = "model"
+    #: the attribute holding the backbone: start weights load into it, layer-wise lr decay follows its depth
+    backbone_attribute = "model"
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,21 +44,37 @@ class FineTuningTask(LightningModule):
         self.start_weights_left_out: frozenset[str] = frozenset()
         # True once the weights are final: start weights loaded, or a Lightning checkpoint restored
         self._weights_settled = False
+        self._parameter_plan: ParameterPlan | None = None
 
     def load_start_weights(self, path: str) -> None:
         """Load ``path`` into the backbone, as :func:`bilevel.create_model` reads it (a ``bilevel fit`` checkpoint
         gives its backbone); a classifier of another class count is re-initialised, with a warning."""
         state = extract_state_dict(read_checkpoint(Path(path).expanduser()), source=str(path), backbone=True)
-        load_pretrained_weights(getattr(self, self.start_weights_into),
+        load_pretrained_weights(getattr(self, self.backbone_attribute),
                                 {key: value for key, value in state.items() if key not in self.start_weights_left_out},
                                 source=str(path))
 
     def setup(self, stage: str) -> None:
-        """Load the ``checkpoint_path`` start weights once, unless a Lightning checkpoint is being restored."""
+        """Load the ``checkpoint_path`` start weights once, unless a Lightning checkpoint is being restored;
+        plan the optimiser's groups while the model is still plain."""
         path = self.hparams.get("checkpoint_path")
         if path is not None and not self._weights_settled and self.trainer.ckpt_path is None:
             self.load_start_weights(path)
         self._weights_settled = True
+        self._parameter_plan = self.parameter_plan()
+
+    def parameter_plan(self) -> ParameterPlan:
+        """Each parameter's (weight decay, lr scale) by name: see :func:`bilevel.tasks.optim.parameter_plan`."""
+        hp = self.hparams
+        return parameter_plan(self, hp.weight_decay, hp.layer_decay, getattr(self, self.backbone_attribute),
+                              f"{self.backbone_attribute}.")
+
+    def configure_optimizers(self):
+        """AdamW over the groups planned in ``setup`` (planned now when no ``setup`` ran) + warm-up and cosine."""
+        hp = self.hparams
+        plan = self._parameter_plan if self._parameter_plan is not None else self.parameter_plan()
+        return build_optimizer(self, plan, int(self.trainer.estimated_stepping_batches), hp.lr, hp.warmup_steps,
+                               hp.min_lr_ratio)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the checkpoint's class names (warning when the data gave others); its weights are final."""

@@ -13,7 +13,6 @@ from torchmetrics.classification import MulticlassAccuracy
 import bilevel
 
 from .base import FineTuningTask
-from .optim import build_optimizer
 
 __all__ = ["ImageClassifier"]
 
@@ -107,8 +106,3 @@ class ImageClassifier(FineTuningTask):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """{"path": [str] x N, "probabilities": (N, num_classes)} for a batch of {"image", "path"}."""
         return {"path": list(batch["path"]), "probabilities": torch.softmax(self(batch["image"]).float(), dim=-1)}
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return build_optimizer(self, int(self.trainer.estimated_stepping_batches), hp.lr, hp.weight_decay,
-                               hp.warmup_steps, hp.min_lr_ratio, hp.layer_decay, self.model, "model.")

@@ -1,17 +1,36 @@
-"""What both tasks optimise with: AdamW parameter groups (weight decay, layer-wise lr decay) and warm-up + cosine."""
+"""What both tasks optimise with: AdamW parameter groups (weight decay, layer-wise lr decay) and warm-up + cosine.
+
+The groups are planned by parameter name on the plain model (:func:`parameter_plan`), before any strategy
+wraps it, and applied to the parameters the optimiser is built on (:func:`parameter_groups`). Under FSDP
+(``use_orig_params=True``, Lightning's default) each rank's parameters are flat 1-D shards, some empty, and
+their names carry the wrappers' segments: a plan made from them would exempt every weight from decay.
+"""
 from __future__ import annotations
 
 import math
 from typing import Optional
 
 import torch
-from timm.optim import param_groups_layer_decay
+from timm.models import group_parameters
 from torch import nn
 
-__all__ = ["NO_DECAY_KEYWORDS", "parameter_groups", "warmup_cosine", "build_optimizer"]
+__all__ = ["NO_DECAY_KEYWORDS", "ParameterPlan", "parameter_plan", "parameter_groups", "unwrapped_name",
+           "warmup_cosine", "build_optimizer"]
 
 #: parameter-name fragments of position tables, which get no weight decay (as the papers' recipes)
 NO_DECAY_KEYWORDS = ("pos_embed", "relative_position_bias_table", "rpb", "pos_bias", "absolute_pos")
+#: name segments that wrappers insert: FSDP, activation checkpointing, torch.compile
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+#: parameter name -> (weight decay, lr scale)
+ParameterPlan = dict[str, tuple[float, float]]
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the plain model has it (the wrappers' segments removed)."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -19,37 +38,51 @@ def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_DECAY_KEYWORDS)
 
 
-def parameter_groups(module: nn.Module, weight_decay: float, lr: float, layer_decay: Optional[float] = None,
-                     backbone: Optional[nn.Module] = None, backbone_prefix: str = "") -> list[dict]:
-    """AdamW groups: decay / no decay and, with ``layer_decay`` < 1, the backbone's lr scaled by depth.
+def parameter_plan(module: nn.Module, weight_decay: float, layer_decay: Optional[float] = None,
+                   backbone: Optional[nn.Module] = None, backbone_prefix: str = "") -> ParameterPlan:
+    """Every parameter's (weight decay, lr scale), by name, decided on the plain (unwrapped) module.
 
     No decay: 1-D parameters (norms, biases), position tables and the backbone's ``no_weight_decay()``.
-    Depth comes from the backbone's timm ``group_matcher`` (stem, blocks in order, final norm), through
-    timm's ``param_groups_layer_decay``: group ``i`` of ``L`` trains at ``lr * layer_decay ** (L - i)``.
-    backbone: the sub-module ``module.<backbone_prefix>``; parameters outside it (heads) train at ``lr``.
+    With ``layer_decay`` < 1, depth comes from the backbone's timm ``group_matcher`` (stem, blocks in order,
+    final norm), as in timm's ``param_groups_layer_decay``: layer ``i`` of ``L`` gets the lr scale
+    ``layer_decay ** (L - 1 - i)``. backbone: the sub-module ``module.<backbone_prefix>``; parameters outside
+    it (heads) get scale 1. Frozen parameters are planned too, so unfreezing them later finds an entry.
     """
-    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     own = getattr(backbone, "no_weight_decay", None)
     skip = {f"{backbone_prefix}{name}" for name in (own() if own is not None else ())}
-    skip |= {name for name, p in named if _no_weight_decay(name, p)}
-    groups: list[dict] = []
-    in_layer_groups: set[int] = set()
+    depth_scale: dict[str, float] = {}
     if layer_decay is not None and layer_decay < 1.0:
         if backbone is None or not hasattr(backbone, "group_matcher"):
             raise ValueError(f"layer_decay={layer_decay} needs a backbone with timm's group_matcher() "
                              f"({type(backbone).__name__} has none); set layer_decay to null")
-        inner = tuple(name[len(backbone_prefix):] for name in skip if name.startswith(backbone_prefix))
-        for group in param_groups_layer_decay(backbone, weight_decay=weight_decay, no_weight_decay_list=inner,
-                                              layer_decay=layer_decay):
-            groups.append(dict(group, lr=lr * group["lr_scale"]))
-            in_layer_groups.update(id(p) for p in group["params"])
-    rest = [(name, p) for name, p in named if id(p) not in in_layer_groups]
-    for no_decay in (False, True):
-        params = [p for name, p in rest if (name in skip) == no_decay]
-        if params:
-            groups.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr,
-                           "lr_scale": 1.0})
-    return groups
+        layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+        last = max(layer_of.values())
+        depth_scale = {f"{backbone_prefix}{name}": layer_decay ** (last - layer_of.get(name, last))
+                       for name, _ in backbone.named_parameters()}
+    return {name: (0.0 if name in skip or _no_weight_decay(name, param) else weight_decay,
+                   depth_scale.get(name, 1.0))
+            for name, param in module.named_parameters()}
+
+
+def parameter_groups(module: nn.Module, plan: ParameterPlan, lr: float) -> list[dict]:
+    """AdamW groups of ``module``'s trainable parameters, one per (weight decay, lr scale) of ``plan``.
+
+    module may be wrapped (FSDP, activation checkpointing, ``torch.compile``): names are read through the
+    wrappers. Raises ValueError naming a parameter the plan does not know.
+    """
+    groups: dict[tuple[float, float], dict] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        try:
+            decay, scale = plan[unwrapped_name(name)]
+        except KeyError:
+            raise ValueError(f"parameter {unwrapped_name(name)!r} was not in the model when the optimiser groups "
+                             "were planned (in the task's setup); add parameters in __init__") from None
+        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr": lr * scale,
+                                                   "lr_scale": scale})
+        group["params"].append(param)
+    return list(groups.values())
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -60,11 +93,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(module: nn.Module, total_steps: int, lr: float, weight_decay: float, warmup_steps: int,
-                    min_lr_ratio: float, layer_decay: Optional[float], backbone: nn.Module, backbone_prefix: str):
-    """AdamW + per-step LambdaLR (warm-up then cosine), in Lightning's ``configure_optimizers`` format."""
-    groups = parameter_groups(module, weight_decay, lr, layer_decay, backbone, backbone_prefix)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+def build_optimizer(module: nn.Module, plan: ParameterPlan, total_steps: int, lr: float, warmup_steps: int,
+                    min_lr_ratio: float):
+    """AdamW over ``plan``'s groups + per-step LambdaLR (warm-up then cosine), in Lightning's
+    ``configure_optimizers`` format."""
+    optimizer = torch.optim.AdamW(parameter_groups(module, plan, lr), lr=lr)
     warmup = min(warmup_steps, max(0, total_steps - 1))
 
     def factor(step: int) -> float:

@@ -12,7 +12,6 @@ import bilevel
 from ..models._pyramid import InputSizeError
 from ..models.heads import create_head
 from .base import FineTuningTask
-from .optim import build_optimizer
 
 __all__ = ["SemanticSegmenter", "sliding_window_logits"]
 
@@ -58,7 +57,7 @@ class SemanticSegmenter(FineTuningTask):
     inference: "whole" or "slide" (windows of ``window`` px every ``stride`` px) for validation/prediction.
     """
 
-    start_weights_into = "backbone"
+    backbone_attribute = "backbone"
 
     def __init__(self, model_name: str = "biformer_tiny", num_classes: int = 150,
                  class_names: Optional[list[str]] = None, head: str = "fpn",
@@ -141,8 +140,3 @@ class SemanticSegmenter(FineTuningTask):
         except InputSizeError as error:
             raise InputSizeError(f"{', '.join(batch['path'])}: {error}") from None
         return {"path": list(batch["path"]), "mask": logits.argmax(dim=1)}
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return build_optimizer(self, int(self.trainer.estimated_stepping_batches), hp.lr, hp.weight_decay,
-                               hp.warmup_steps, hp.min_lr_ratio, hp.layer_decay, self.backbone, "backbone.")

@@ -1,6 +1,7 @@
 """Checkpoint files (bilevel.models.loading): layouts, fine-tuning, input channels, names, bad files."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -164,6 +165,15 @@ def test_directory_and_home_paths(tmp_path, monkeypatch, tiny):
     monkeypatch.setenv("HOME", str(tmp_path))
     _save(tmp_path, tiny.state_dict(), "home.pth")
     _assert_same_outputs(bilevel.create_model("biformer_tiny", checkpoint_path="~/home.pth", **TINY), tiny)
+
+
+def test_sharded_fsdp_folder_gets_the_consolidation_command(tmp_path):
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"\x80")
+    command = f"python -m lightning.pytorch.utilities.consolidate_checkpoint {folder} (it writes {folder}.consolidated)"
+    with pytest.raises(CheckpointError, match=re.escape(command)):
+        bilevel.create_model("biformer_tiny", checkpoint_path=folder)
 
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"

@@ -21,13 +21,16 @@ def bilevel_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bilevel_cache")
 
 
-def run_bilevel(args: list[str], cwd: Path, cache: Path, timeout: int = 400,
-                should_fail: bool = False) -> subprocess.CompletedProcess:
+def run_bilevel(args: list[str], cwd: Path, cache: Path, timeout: int = 400, should_fail: bool = False,
+                test_classes: bool = False) -> subprocess.CompletedProcess:
     """Run ``bilevel <args>`` (the console script of this environment) and fail with its output if it fails
-    (or, with ``should_fail``, if it succeeds)."""
+    (or, with ``should_fail``, if it succeeds). test_classes: the tests' own classes (``tests.tasks...``)
+    can be named in ``args``."""
     script = Path(sys.executable).with_name("bilevel")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "bilevel.cli"]
     env = dict(os.environ, BILEVEL_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if test_classes:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(command + args + QUICK, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
     if should_fail:

@@ -10,7 +10,7 @@ import torch
 import bilevel
 from bilevel.models.loading import extract_state_dict
 from bilevel.tasks import ImageClassifier
-from bilevel.tasks.optim import parameter_groups
+from bilevel.tasks.optim import parameter_groups, parameter_plan
 
 SMALL = dict(model_name="biformer_tiny", num_classes=4, model_kwargs={"depth": [1, 1, 1, 1]})
 
@@ -40,7 +40,8 @@ def test_mixup_trains_on_soft_targets():
 
 def test_layer_decay_gives_the_head_full_lr_and_the_stem_the_smallest():
     task = ImageClassifier(**SMALL, weight_decay=0.05)
-    groups = parameter_groups(task, 0.05, 1e-3, layer_decay=0.5, backbone=task.model, backbone_prefix="model.")
+    plan = parameter_plan(task, 0.05, layer_decay=0.5, backbone=task.model, backbone_prefix="model.")
+    groups = parameter_groups(task, plan, lr=1e-3)
     owner = {id(p): name for name, p in task.named_parameters()}
     lr_of = {owner[id(p)]: group["lr"] for group in groups for p in group["params"]}
     decay_of = {owner[id(p)]: group["weight_decay"] for group in groups for p in group["params"]}

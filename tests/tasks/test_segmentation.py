@@ -18,7 +18,7 @@ from bilevel.data import SegmentationFolderDataModule
 from bilevel.models._pyramid import InputSizeError
 from bilevel.models.heads import HEADS, create_head
 from bilevel.tasks import PredictionWriter, SemanticSegmenter, sliding_window_logits
-from bilevel.tasks.optim import parameter_groups, warmup_cosine
+from bilevel.tasks.optim import parameter_groups, parameter_plan, warmup_cosine
 from bilevel.tasks.writers import mask_file_names
 
 from .conftest import CONFIGS, QUICK
@@ -76,8 +76,9 @@ def test_segmenter_keeps_backbone_and_head_apart_and_trains_every_parameter():
 
 def test_parameter_groups_exclude_norms_biases_and_decay_layers():
     model = SemanticSegmenter(**SMALL)
-    groups = parameter_groups(model, weight_decay=0.05, lr=1e-3, layer_decay=0.5, backbone=model.backbone,
-                              backbone_prefix="backbone.")
+    plan = parameter_plan(model, weight_decay=0.05, layer_decay=0.5, backbone=model.backbone,
+                          backbone_prefix="backbone.")
+    groups = parameter_groups(model, plan, lr=1e-3)
     names = {id(p): name for name, p in model.named_parameters()}
     assert sum(len(g["params"]) for g in groups) == len(names)
     for group in groups:
