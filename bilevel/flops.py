@@ -1,18 +1,23 @@
 """Analytic FLOP counter for the project's models, BRA's routing and routed attention included.
 
 fvcore-style counting: one multiply-add is one FLOP (the convention of the papers' "GFLOPs"),
-element-wise work (norms, activations, softmax, residual adds) is not counted. Generic tools trace
-``torch.topk`` and the broadcast gather as free and so undercount BRA; here every attention module
-is counted from its configuration and the input shape a forward hook records:
+element-wise work (norms, activations, softmax, residual adds) is not counted. Generic tools miss
+parts of it: fvcore skips the operators it has no handler for (BiFormer#33), and PyTorch's
+``FlopCounterMode`` counts fused ``scaled_dot_product_attention`` kernels on CPU as zero. Here every
+attention module is counted from its configuration and the input shape a forward hook records:
 
 - ``routing``: region means of q and k (one add per averaged element), the region affinity matmul
   (Rq * Rk * C_qk), and top-k selection (one comparison per candidate region);
 - ``attention``: q·k and p·v over the routed tokens only, ``Rq * Tq * topk * Tk * (C_qk + C_v)``;
+  DBRA adds its deformable attention (every query pixel onto the Hg * Wg deformed tokens), CrossFormer
+  the attention inside its groups, BiFormer's last stage full attention;
 - ``gather``: not FLOPs but memory, reported apart as the elements the reference k-fold gather
   copies (``Rq * topk * Tk * (C_qk + C_v)``);
-- ``linear`` / ``conv``: every ``nn.Linear`` and ``nn.Conv2d`` called, wherever it sits.
+- ``linear`` / ``conv``: every ``nn.Linear`` and ``nn.Conv2d`` called, wherever it sits (DBRA's
+  projections and offset network, CrossFormer's position-bias MLP included).
 
-Usage: ``count_flops(model, x).total``; other families register their attention modules with
+Bilinear sampling (DBRA's deformed tokens and position bias) is element-wise and not counted.
+Usage: ``count_flops(model, x).total``; further attention modules register with
 :func:`register_flop_counter`.
 """
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .ops.bra import BiLevelRoutingAttention, NCHWBiLevelRoutingAttention
+from .ops.dbra import DeBiLevelRoutingAttention
+from .ops.lsda import GroupAttention
 
 __all__ = ["FlopCount", "count_flops", "register_flop_counter", "routed_attention_flops", "routing_flops",
            "global_attention_flops"]
@@ -100,6 +107,30 @@ def _count_nchw_bra(module: NCHWBiLevelRoutingAttention, inputs: tuple, count: F
     count.gather_elements += n * regions * module.topk * tokens * 2 * channels
 
 
+def _count_dbra(module: DeBiLevelRoutingAttention, inputs: tuple, count: FlopCount, name: str) -> None:
+    n, height, width, channels = inputs[0].shape                             # NHWC
+    n_win, stride = module.n_win, module.settings.stride
+    if module.auto_pad:
+        height, width = -(-height // n_win) * n_win, -(-width // n_win) * n_win
+    deformed_h, deformed_w = -(-height // stride), -(-width // stride)       # the offset network's grid
+    if module.auto_pad:
+        deformed_h, deformed_w = -(-deformed_h // n_win) * n_win, -(-deformed_w // n_win) * n_win
+    regions = n_win ** 2
+    query_tokens = (deformed_h // n_win) * (deformed_w // n_win)
+    key_tokens = (height // n_win) * (width // n_win)
+    averaged = n * (deformed_h * deformed_w + height * width) * channels
+    count.add(name, "routing", routing_flops(n, regions, regions, averaged, channels))
+    count.add(name, "attention", routed_attention_flops(n, regions, query_tokens, module.topk, key_tokens,
+                                                        channels, channels))
+    count.add(name, "attention", n * height * width * deformed_h * deformed_w * 2 * channels)
+    count.gather_elements += n * regions * module.topk * key_tokens * 2 * channels
+
+
+def _count_group_attention(module: GroupAttention, inputs: tuple, count: FlopCount, name: str) -> None:
+    n, num_groups, tokens, channels = inputs[0].shape                        # (N, groups, G², C)
+    count.add(name, "attention", n * num_groups * tokens * tokens * 2 * channels)
+
+
 def _count_global_nhwc(module: nn.Module, inputs: tuple, count: FlopCount, name: str) -> None:
     n, height, width, channels = inputs[0].shape
     count.add(name, "attention", global_attention_flops(n, height * width, channels))
@@ -117,6 +148,8 @@ ModuleCounter = Callable[[nn.Module, tuple, FlopCount, str], None]
 FLOP_COUNTERS: dict[type, ModuleCounter] = {
     BiLevelRoutingAttention: _count_bra,
     NCHWBiLevelRoutingAttention: _count_nchw_bra,
+    DeBiLevelRoutingAttention: _count_dbra,
+    GroupAttention: _count_group_attention,
 }
 
 

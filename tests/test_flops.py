@@ -1,9 +1,11 @@
-"""The analytic FLOP counter against hand counts and the BiFormer paper's published figures."""
+"""The analytic FLOP counter against hand counts, PyTorch's FlopCounterMode and the papers' published figures."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import bilevel
 from bilevel.flops import count_flops
@@ -42,8 +44,33 @@ def test_modules_outside_attention_are_counted_once():
     assert count_flops(model, torch.randn(2, 4, 6)).total == 2 * 4 * (6 * 5 + 5 * 3)
 
 
-@pytest.mark.parametrize("name, paper_gflops", [("biformer_tiny", 2.2)])
-def test_biformer_matches_the_paper(name, paper_gflops):
-    # BiFormer paper (Zhu et al., CVPR 2023), Table 1: FLOPs at 224x224
+@pytest.mark.parametrize("name, paper_gflops", [("biformer_tiny", 2.2), ("debiformer_tiny", 2.6),
+                                               ("crossformer_tiny", 2.9)])
+def test_models_match_the_papers(name, paper_gflops):
+    # FLOPs at 224x224: BiFormer (Zhu et al., CVPR 2023) Table 1, DeBiFormer's official README,
+    # CrossFormer (Wang et al., ICLR 2022) Table 2
     model = bilevel.create_model(name).eval()
     assert round(count_flops(model, torch.randn(1, 3, 224, 224)).total / 1e9, 1) == paper_gflops
+
+
+SHALLOW = {"biformer_tiny": {"depth": [1, 1, 1, 1], "attn_backend": "reference"},
+           "biformer_stl_nchw": {"depth": [1, 1, 1, 1], "attn_backend": "reference"},
+           "debiformer_tiny": {"depth": [1, 1, 1, 1], "attn_backend": "reference"},
+           "crossformer_tiny": {"depths": [1, 1, 1, 1]}}
+
+
+@pytest.mark.parametrize("size", [224, 256])
+@pytest.mark.parametrize("name", SHALLOW)
+def test_every_family_agrees_with_flop_counter_mode(name, size):
+    """Every matmul and convolution PyTorch runs, counted by FlopCounterMode (2 FLOPs per multiply-add;
+    SDPA's math kernel, which it can see): the analytic count equals it up to the routing's region means
+    and top-k comparisons, which are not matmuls (256 px: padded maps and partial groups)."""
+    options = dict(SHALLOW[name], img_size=size) if name.startswith("crossformer") else SHALLOW[name]
+    model = bilevel.create_model(name, **options).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        count = count_flops(model, x)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x)
+    matmul_adds = counter.get_total_flops() // 2
+    assert matmul_adds <= count.total <= matmul_adds * 1.002, (count.total, matmul_adds)
