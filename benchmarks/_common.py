@@ -24,26 +24,86 @@ _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 MIN_RUN_S = 0.05
 
 
-def benchmark_parser(doc: str, outputs: str, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``, else an error naming the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+#: an argparse ``type`` for counts and sizes: an integer of at least 1
+positive_int = int_at_least(1)
+
+
+def device_argument(text: str) -> torch.device:
+    """An argparse ``type``: ``cpu``, ``cuda`` or ``cuda:N``, a CUDA device only where this machine has it."""
+    expected = f"expected cpu, cuda or cuda:N, got {text!r}"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(expected)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+class BenchmarkParser(argparse.ArgumentParser):
+    """An argument parser with ``--quick``: a smoke run that supplies its own values for the options the
+    user did not give (:meth:`add_quick_option`); an option given explicitly keeps its value."""
+
+    def __init__(self, *args, quick_help: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._quick_defaults: dict[str, tuple] = {}
+        self.add_argument("--quick", action="store_true",
+                          help=f"smoke run: {quick_help}; options given explicitly keep their values")
+
+    def add_quick_option(self, *flags: str, default, quick, help: str, **kwargs) -> argparse.Action:
+        """An option whose default is ``default``, or ``quick`` under ``--quick``."""
+        def shown(value) -> str:
+            return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        action = self.add_argument(*flags, default=None, help=f"{help} (default {shown(default)}; --quick: "
+                                   f"{shown(quick)})", **kwargs)
+        self._quick_defaults[action.dest] = (default, quick)
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        for dest, (default, quick) in self._quick_defaults.items():
+            if getattr(parsed, dest) is None:
+                setattr(parsed, dest, quick if parsed.quick else default)
+        return parsed, extras
+
+
+def benchmark_parser(doc: str, outputs: str, repeats: int, repeats_help: str) -> BenchmarkParser:
     """The options every operator benchmark takes: --quick, --out, --repeats and --budget.
 
     doc: the script's docstring (its first line describes the parser); outputs: the result files, for --out's help.
     """
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one small setting, one repeat (smoke run)")
+    parser = BenchmarkParser(description=doc.split("\n")[0], quick_help="one small setting, one repeat")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for {outputs}")
-    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_quick_option("--repeats", type=positive_int, default=repeats, quick=1, help=repeats_help)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement at most")
     return parser
 
 
-def run_metadata(script: str, argv: Optional[list[str]]) -> dict:
-    """Command line, UTC date, torch version, thread count and machine of this benchmark run.
+def run_metadata(script: str, argv: Optional[list[str]], device: torch.device) -> dict:
+    """Command line, UTC date, torch version, thread count and the measured machine of this benchmark run.
 
-    script: the file name under ``benchmarks/``; argv: the arguments (None: ``sys.argv[1:]``).
+    script: the file name under ``benchmarks/``; argv: the arguments (None: ``sys.argv[1:]``); device: where the
+    measurements ran (CUDA: the GPU's name; otherwise the processor's description).
     """
     arguments = sys.argv[1:] if argv is None else argv
-    machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.machine()} {platform.processor() or platform.system()}")
     return {"command": shlex.join(["python", f"benchmarks/{script}", *arguments]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

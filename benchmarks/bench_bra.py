@@ -18,7 +18,8 @@ of the same width: dense SDPA over all tokens and window attention (SDPA inside 
   same run (before every setting; the fastest measurement counts).
 
 Writes ``bra_<tag>.md``, ``bra_<tag>.json`` and ``bra_<tag>.png`` (tag ``cpu``, ``gpu`` or ``quick``) with
-the command, date, torch version and thread count. ``--quick`` runs one small setting once (a smoke run).
+the command, date, torch version and thread count. ``--quick`` runs one small setting once (a smoke run; an
+explicit ``--repeats`` is kept).
 On CUDA every backend is trained, ``flex`` included (compiled FlexAttention with its block mask); the CPU's
 inference chunking is off there (``sdpa``).
 
@@ -38,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (benchmark_parser, best_seconds, fastest, paired_speedup, peak_memory_mib,  # noqa: E402
-                     run_metadata, synchronize, time_round_robin)
+from _common import (BenchmarkParser, benchmark_parser, best_seconds, device_argument, fastest,  # noqa: E402
+                     paired_speedup, peak_memory_mib, run_metadata, synchronize, time_round_robin)
 
 from bilevel.flops import global_attention_flops, routed_attention_flops
 from bilevel.ops.attention import ATTENTION_BACKENDS, routed_attention, select_backend
@@ -312,21 +313,23 @@ def plot(table: list[dict], meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
+def build_parser() -> BenchmarkParser:
     parser = benchmark_parser(__doc__, "bra_<tag>.md/.json/.png", 9, "timed rounds (after a warm-up round)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: results bra_gpu.* on CUDA")
+    parser.add_argument("--device", type=device_argument, default="cpu",
+                        help="cpu (default), cuda or cuda:N: results bra_gpu.* on CUDA")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="of q, k and v (default float32); another adds its name to the tag (bra_gpu_bfloat16.*)")
-    args = parser.parse_args(argv)
-    dtype = DTYPES[args.dtype]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine has no CUDA device")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    args = build_parser().parse_args(argv)
+    dtype, device, repeats = DTYPES[args.dtype], args.device, args.repeats
     full_tag = "gpu" if device.type == "cuda" else "cpu"
-    settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, full_tag)
+    settings, tag = (QUICK_SETTINGS, "quick") if args.quick else (SETTINGS, full_tag)
     tag += "" if dtype == torch.float32 else f"_{args.dtype}"
     torch.manual_seed(0)
-    meta = {"tag": tag, **run_metadata("bench_bra.py", argv), "device": str(device), "dtype": args.dtype}
+    meta = {"tag": tag, **run_metadata("bench_bra.py", argv, device), "device": str(device), "dtype": args.dtype}
     rows, rates = [], []
     for setting in settings:
         rates.append(matmul_gflops(device, 512 if args.quick else 2048, repeats=repeats, dtype=dtype))

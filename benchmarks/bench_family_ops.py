@@ -204,10 +204,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> Path:
     parser = benchmark_parser(__doc__, "family_ops_<tag>.md/.json", 7, "timed rounds (after a warm-up round)")
     args = parser.parse_args(argv)
-    settings, repeats, tag = (QUICK_SETTINGS, 1, "quick") if args.quick else (SETTINGS, args.repeats, "cpu")
+    settings, tag = (QUICK_SETTINGS, "quick") if args.quick else (SETTINGS, "cpu")
     torch.manual_seed(0)
-    meta = {"tag": tag, **run_metadata("bench_family_ops.py", argv)}
-    rows = run(settings, repeats, args.budget)
+    meta = {"tag": tag, **run_metadata("bench_family_ops.py", argv, torch.device("cpu"))}
+    rows = run(settings, args.repeats, args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"family_ops_{tag}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -10,7 +10,8 @@ has one row.
 
 Models are measured round-robin (every model once per repeat, ``_common.time_round_robin``) so that a
 change of machine load affects all rows alike: images/s from the fastest repeat, ×reference the median
-over repeats of the ratio within a repeat. Writes ``models_<tag>.md`` and ``.json``.
+over repeats of the ratio within a repeat. A model that fails (e.g. an input size it cannot take) gets a
+row with its error and the others are measured. Writes ``models_<tag>.md`` and ``.json``.
 
     python benchmarks/bench_models.py                       # every variant, 224 px, batch 8
     python benchmarks/bench_models.py --models biformer_tiny --repeats 5
@@ -23,7 +24,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import timm
 import torch
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 import bilevel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fastest, paired_speedup, run_metadata, time_round_robin  # noqa: E402
+from _common import (RESULTS, BenchmarkParser, fastest, paired_speedup, positive_int, run_metadata,  # noqa: E402
+                     time_round_robin)
 
 BASELINES = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 
@@ -75,23 +77,25 @@ def train_step(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], Non
     return step
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=None, help="variants (default: all registered)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
-    parser.add_argument("--no-baselines", action="store_true", help="skip timm's Swin-T and ConvNeXt-T")
-    parser.add_argument("--quick", action="store_true", help="smoke run: biformer_tiny, 64 px, batch 1, 1 round")
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help="biformer_tiny, 64 px, batch 1, 1 round, no baselines")
+    parser.add_quick_option("--models", nargs="+", choices=bilevel.list_models(), metavar="MODEL",
+                            default=default_models(), quick=["biformer_tiny"], help="variants to measure")
+    parser.add_quick_option("--image-size", type=positive_int, default=224, quick=64, help="input side in pixels")
+    parser.add_quick_option("--batch-size", type=positive_int, default=8, quick=1, help="images per batch")
+    parser.add_quick_option("--repeats", type=positive_int, default=3, quick=1,
+                            help="timed rounds after one warm-up round")
+    parser.add_quick_option("--no-baselines", action="store_true", default=False, quick=True,
+                            help="skip timm's Swin-T and ConvNeXt-T")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.models, args.image_size, args.batch_size, args.repeats, args.no_baselines = \
-            ["biformer_tiny"], 64, 1, 1, True
-    names = args.models or default_models()
+    return parser
 
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     models = {}  # label -> model; a variant's default build uses the "auto" backend
-    for name in names:
+    for name in args.models:
         model = build(name, None)
         if takes_backend(model):
             models[f"{name} [auto]"] = model
@@ -106,24 +110,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
     steps = {}
     for label, model in models.items():
         steps[f"{label} eval"], steps[f"{label} train"] = eval_step(model, images), train_step(model, images)
-    times = time_round_robin(steps, args.repeats, progress=True)
+    failures = {}
+    times = time_round_robin(steps, args.repeats, progress=True, failures=failures)
 
-    rows = [{"model": label, "eval_images_per_s": args.batch_size / fastest(times[f"{label} eval"]),
-             "train_images_per_s": args.batch_size / fastest(times[f"{label} train"])} for label in models]
-    for row in rows:
-        label = row["model"]
+    def images_per_s(step: str) -> Optional[float]:
+        return args.batch_size / fastest(times[step]) if step in times else None
+
+    def speedup(reference: str, step: str) -> Optional[float]:
+        return paired_speedup(times[reference], times[step]) if reference in times and step in times else None
+
+    rows = []
+    for label in models:
+        row = {"model": label, "eval_images_per_s": images_per_s(f"{label} eval"),
+               "train_images_per_s": images_per_s(f"{label} train")}
         if label.endswith("[auto]"):
             reference = label.replace("[auto]", "[reference]")
-            row["eval_x_reference"] = paired_speedup(times[f"{reference} eval"], times[f"{label} eval"])
-            row["train_x_reference"] = paired_speedup(times[f"{reference} train"], times[f"{label} train"])
+            row["eval_x_reference"] = speedup(f"{reference} eval", f"{label} eval")
+            row["train_x_reference"] = speedup(f"{reference} train", f"{label} train")
+        error = failures.get(f"{label} eval") or failures.get(f"{label} train")
+        if error:
+            row["error"] = error
+        rows.append(row)
     write(rows, args, argv)
     return rows
 
 
+def _cell(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def write(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> None:
     tag = "quick" if args.quick else "cpu"
-    meta = {**run_metadata("bench_models.py", argv), "image_size": args.image_size, "batch_size": args.batch_size,
-            "repeats": args.repeats}
+    meta = {**run_metadata("bench_models.py", argv, torch.device("cpu")), "image_size": args.image_size,
+            "batch_size": args.batch_size, "repeats": args.repeats}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"models_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Model throughput ({tag})", "",
@@ -132,11 +151,13 @@ def write(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) ->
              f"- {args.image_size} px, batch {args.batch_size}, fastest of {args.repeats} round-robin repeats "
              "(after a warm-up); ×reference: median over repeats of the ratio within a repeat",
              "- training step = forward + cross-entropy + backward + SGD step; random weights", "",
-             "| model | eval img/s | train img/s | eval ×reference | train ×reference |", "|---|---|---|---|---|"]
+             "| model | eval img/s | train img/s | eval ×reference | train ×reference | error |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
-        ratio = lambda key: f"{row[key]:.2f}" if key in row else "–"
-        lines.append(f"| {row['model']} | {row['eval_images_per_s']:.2f} | {row['train_images_per_s']:.2f} | "
-                     f"{ratio('eval_x_reference')} | {ratio('train_x_reference')} |")
+        cells = [row["model"], *(_cell(row.get(key)) for key in
+                                 ("eval_images_per_s", "train_images_per_s", "eval_x_reference", "train_x_reference")),
+                 row.get("error", "")]
+        lines.append("| " + " | ".join(cells) + " |")
     (args.out / f"models_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -15,7 +15,6 @@ and Lightning versions, device and thread count.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -35,9 +34,10 @@ from bilevel.models import MODEL_NAMES
 from bilevel.tasks import ImageClassifier, SemanticSegmenter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, run_metadata  # noqa: E402
+from _common import RESULTS, BenchmarkParser, int_at_least, positive_int, run_metadata  # noqa: E402
 
 FAMILIES = ("biformer", "debiformer", "crossformer")
+TASKS = ("classification", "segmentation")
 
 
 class StepTimer(Callback):
@@ -60,8 +60,8 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def measure(task: str, model_name: str, args, cache: Path) -> dict:
-    """Fit ``warmup + steps`` batches; returns the row of the results table."""
+def measure(task: str, model_name: str, args, cache: Path, device: torch.device) -> dict:
+    """Fit ``warmup + steps`` batches on ``device``; returns the row of the results table."""
     if task == "classification":
         data = ShapesClassificationDataModule(root=str(cache), model_name=model_name, image_size=args.image_size,
                                               batch_size=args.batch_size, num_workers=args.workers)
@@ -71,9 +71,10 @@ def measure(task: str, model_name: str, args, cache: Path) -> dict:
                                             batch_size=args.batch_size, num_workers=args.workers)
         module = SemanticSegmenter(model_name, num_classes=data.num_classes, head="fpn", drop_path_rate=0.1)
     timer = StepTimer()
-    trainer = Trainer(accelerator="auto", devices=1, precision=args.precision, max_steps=args.warmup + args.steps,
-                      limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[timer], default_root_dir=str(cache))
+    trainer = Trainer(accelerator=device.type, devices=1, precision=args.precision,
+                      max_steps=args.warmup + args.steps, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[timer], default_root_dir=str(cache))
     trainer.fit(module, datamodule=data)
     step = statistics.median(timer.times[args.warmup:])
     return {"task": task, "model": model_name, "image_size": args.image_size, "batch": args.batch_size,
@@ -81,27 +82,30 @@ def measure(task: str, model_name: str, args, cache: Path) -> dict:
             "steps_timed": len(timer.times) - args.warmup, "device": str(trainer.strategy.root_device)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=1)
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__.splitlines()[0],
+                             quick_help="64 px, batch 2, one timed step, no loader workers")
+    parser.add_quick_option("--image-size", type=positive_int, default=224, quick=64, help="input side in pixels")
+    parser.add_quick_option("--batch-size", type=positive_int, default=8, quick=2, help="images per batch")
+    parser.add_quick_option("--steps", type=positive_int, default=3, quick=1, help="timed steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps first (default 1)")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--tasks", nargs="+", default=["classification", "segmentation"])
-    parser.add_argument("--quick", action="store_true", help="64 px, batch 2, one timed step (smoke run)")
+    parser.add_quick_option("--workers", type=int_at_least(0), default=2, quick=0, help="data loader workers")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks to fit (default both)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    if args.quick:
-        args.image_size, args.batch_size, args.steps, args.warmup, args.workers = 64, 2, 1, 1, 0
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [f"{family}_tiny" for family in FAMILIES if f"{family}_tiny" in MODEL_NAMES]
     with tempfile.TemporaryDirectory() as cache:
-        rows = [measure(task, name, args, Path(cache)) for task in args.tasks for name in models]
-    tag = "quick" if args.quick else ("gpu" if torch.cuda.is_available() else "cpu")
-    meta = {**run_metadata("bench_train.py", None), "lightning": lightning.__version__,
+        rows = [measure(task, name, args, Path(cache), device) for task in args.tasks for name in models]
+    tag = "quick" if args.quick else ("gpu" if device.type == "cuda" else "cpu")
+    meta = {**run_metadata("bench_train.py", argv, device), "lightning": lightning.__version__,
             "load_average_1min": round(os.getloadavg()[0], 2),
             "not_measured": [f"{f}_tiny" for f in FAMILIES if f"{f}_tiny" not in MODEL_NAMES]}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,24 +10,27 @@ regions, which is what routing to k regions picked at random would give on avera
     python benchmarks/routing_on_object.py --checkpoint my.ckpt  # a bilevel fit checkpoint
 
 Writes ``routing_on_object.md`` and ``.json`` to ``--out`` (default benchmarks/results) with the
-command, date and per-layer figures.
+command, date, torch version, thread count, machine and per-layer figures.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import torch
 
 from bilevel.data.images import list_images, read_image, read_mask
 from bilevel.data.shapes import builtin_shapes
-from bilevel.serving import Predictor, fit_picture, load_served_model
+from bilevel.serving import Predictor, ServingError, fit_picture, load_served_model
 from bilevel.viz.regions import region_boxes
 from bilevel.viz.routing_view import routed_regions, routing_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, positive_int, run_metadata  # noqa: E402
 
 
 def object_share(mask: np.ndarray, boxes) -> np.ndarray:
@@ -70,17 +73,22 @@ def measure(checkpoint=None, pictures: int = 48, on_object: float = 0.5) -> dict
     return {"model": served.key, "pictures": len(paths), "on_object_threshold": on_object, "layers": totals}
 
 
-def main(args=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="bilevel fit checkpoint (default: the embedded model)")
-    parser.add_argument("--pictures", type=int, default=48, help="validation pictures to use (48: all)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    options = parser.parse_args(args)
-    result = measure(options.checkpoint, options.pictures)
-    result["command"] = shlex.join([Path(sys.argv[0]).name] + (args if args is not None else sys.argv[1:]))
-    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    parser.add_argument("--pictures", type=positive_int, default=48, help="validation pictures to use (48: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    options = parser.parse_args(argv)
+    try:
+        result = measure(options.checkpoint, options.pictures)
+    except ServingError as error:
+        if options.checkpoint is None:
+            raise
+        parser.error(f"--checkpoint {options.checkpoint}: {error}")
+    result.update(run_metadata("routing_on_object.py", argv, torch.device("cpu")))   # the Predictor runs on the CPU
     lines = [f"# Routed regions on the object ({result['model']}, {result['pictures']} validation pictures)", "",
-             f"`{result['command']}` on {result['date']}", "",
+             f"`{result['command']}` on {result['date']}; torch {result['torch']}, {result['threads']} threads, "
+             f"{result['machine']}", "",
              "| layer | regions | top-k | query regions on an object | object share of routed regions "
              "| chance (all other regions) | ratio |", "|---|---|---|---|---|---|---|"]
     for name, entry in result["layers"].items():

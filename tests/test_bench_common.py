@@ -1,9 +1,12 @@
-"""benchmarks/_common.py: the round-robin timer and the paired speed-up the benchmark tables report."""
+"""benchmarks/_common.py: the round-robin timer, the paired speed-up, the shared options and the run metadata."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import platform
 
 import pytest
+import torch
 
 from tests.conftest import PROJECT_ROOT
 
@@ -60,3 +63,48 @@ def test_round_robin_reports_a_failing_step_when_asked(common, monkeypatch):
     assert list(times) == ["fine"] and len(times["fine"]) == 2
     with pytest.raises(RuntimeError, match="planted"):
         common.time_round_robin(steps, rounds=2)
+
+
+@pytest.mark.parametrize("text, message", [("0", "must be at least 1, got 0"), ("-3", "must be at least 1, got -3"),
+                                           ("two", "expected an integer, got 'two'")])
+def test_positive_int_rejects_what_is_not_a_positive_integer(common, text, message):
+    assert common.positive_int("5") == 5 and common.int_at_least(0)("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        common.positive_int(text)
+
+
+def test_quick_supplies_only_the_options_not_given(common):
+    parser = common.benchmark_parser("Doc.", "files", 9, "rounds")
+    assert parser.parse_args([]).repeats == 9
+    assert parser.parse_args(["--quick"]).repeats == 1
+    assert parser.parse_args(["--quick", "--repeats", "4"]).repeats == 4
+    assert "(default 9; --quick: 1)" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--repeats", "0"])
+
+
+@pytest.mark.parametrize("text", ["gpu", "mps", "cuda:x", "meta"])
+def test_device_argument_names_the_accepted_devices(common, text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda or cuda:N"):
+        common.device_argument(text)
+
+
+def test_device_argument_checks_the_cuda_devices_of_the_machine(common, monkeypatch):
+    assert common.device_argument("cpu") == torch.device("cpu")
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device"):
+        common.device_argument("cuda")
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 2)
+    assert common.device_argument("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(argparse.ArgumentTypeError, match="2 CUDA device"):
+        common.device_argument("cuda:2")
+
+
+def test_run_metadata_describes_the_measured_device(common, monkeypatch):
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "get_device_name", lambda device=None: "Planted GPU")
+    cpu = common.run_metadata("bench_x.py", ["--quick"], torch.device("cpu"))
+    assert cpu["machine"].startswith(platform.machine()) and "Planted GPU" not in cpu["machine"]
+    assert cpu["command"] == "python benchmarks/bench_x.py --quick"
+    assert common.run_metadata("bench_x.py", [], torch.device("cuda"))["machine"] == "Planted GPU"
