@@ -83,7 +83,12 @@ class BilevelCLI(LightningCLI):
         self._restore_from_ckpt_path("test")
 
     def before_predict(self) -> None:
+        """Check ``--ckpt_path``; predictions go to the PredictionWriter's files, so the trainer keeps none in
+        memory unless ``--return_predictions true`` asks for them."""
         self._restore_from_ckpt_path("predict")
+        config = self.config_init["predict"]
+        if config.get("return_predictions") is None:
+            config["return_predictions"] = False
 
 
 def main(args: Optional[list[str]] = None) -> None:

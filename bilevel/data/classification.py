@@ -49,11 +49,13 @@ class UnlabelledImages(Dataset):
         return {"image": self.transform(read_image(path)), "path": str(path)}
 
 
-def prediction_paths(predict_root: Optional[str], default: Sequence[Path], scan: bool) -> list[Path]:
+def prediction_paths(predict_root: Optional[str], default: Sequence[Path], scan: bool,
+                     processes: int = 1) -> list[Path]:
     """The images to predict on: those of ``predict_root`` (its sub-folders too, hidden ones skipped), else
     ``default``; with ``scan``, all decode-checked first (one DatasetError listing every unreadable file).
 
-    raises: DatasetError when the folder is missing or holds no image.
+    processes: the trainer's world size; Lightning's prediction sampler gives every process one image at least.
+    raises: DatasetError when the folder is missing, holds no image, or fewer images than ``processes``.
     """
     if predict_root is None:
         paths = list(default)
@@ -62,9 +64,18 @@ def prediction_paths(predict_root: Optional[str], default: Sequence[Path], scan:
         paths = list_images(folder, recursive=True)
         if not paths:
             raise DatasetError(f"{folder}: no image files to predict on")
+    if len(paths) < processes:
+        where = predict_root if predict_root is not None else "the validation images"
+        raise DatasetError(f"{len(paths)} image(s) to predict in {where} for {processes} processes: every process "
+                           f"needs one at least; predict with --trainer.devices {len(paths)} (or fewer processes)")
     if scan:
         check_images(paths, "checking images to predict")
     return paths
+
+
+def world_size(datamodule: LightningDataModule) -> int:
+    """The processes of the attached trainer (1 without one)."""
+    return datamodule.trainer.world_size if datamodule.trainer is not None else 1
 
 
 def drop_last_batch(datamodule: LightningDataModule, dataset_size: int, batch_size: int) -> bool:
@@ -73,8 +84,7 @@ def drop_last_batch(datamodule: LightningDataModule, dataset_size: int, batch_si
     Each of the trainer's ``world_size`` processes sees ``ceil(dataset_size / world_size)`` samples, so the
     choice is made for that share, not for the whole dataset (one process when no trainer is attached).
     """
-    world_size = datamodule.trainer.world_size if datamodule.trainer is not None else 1
-    return math.ceil(dataset_size / world_size) > batch_size
+    return math.ceil(dataset_size / world_size(datamodule)) > batch_size
 
 
 class ImageFolderDataModule(LightningDataModule):
@@ -156,7 +166,8 @@ class ImageFolderDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Build the datasets of ``stage``, after scanning the images it reads (unless ``scan`` is off)."""
         if stage == "predict":
-            paths = prediction_paths(self.predict_root, [path for path, _ in self.val_samples], self.scan)
+            paths = prediction_paths(self.predict_root, [path for path, _ in self.val_samples], self.scan,
+                                     processes=world_size(self))
             self.predict_dataset = UnlabelledImages(paths, self.transform(training=False))
             return
         if self.scan:

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from .classification import UnlabelledImages, drop_last_batch, prediction_paths
+from .classification import UnlabelledImages, drop_last_batch, prediction_paths, world_size
 from .images import image_to_tensor, list_images, read_image, read_mask
 from .scan import DatasetError, check_segmentation_pairs, require_folder
 from .shapes import builtin_shapes
@@ -158,7 +158,8 @@ class SegmentationFolderDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Build the datasets of ``stage``, after scanning the files it reads (unless ``scan`` is off)."""
         if stage == "predict":
-            paths = prediction_paths(self.predict_root, [image for image, _ in self.val_pairs], self.scan)
+            paths = prediction_paths(self.predict_root, [image for image, _ in self.val_pairs], self.scan,
+                                     processes=world_size(self))
             cfg = self.data_config
             self.predict_dataset = UnlabelledImages(paths, partial(image_to_tensor, mean=cfg.mean, std=cfg.std))
             return

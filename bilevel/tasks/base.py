@@ -2,10 +2,12 @@
 and the optimiser (AdamW groups planned on the plain model, warm-up + cosine)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from lightning import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..models.loading import extract_state_dict, load_pretrained_weights, read_checkpoint
@@ -70,11 +72,27 @@ class FineTuningTask(LightningModule):
                               f"{self.backbone_attribute}.")
 
     def configure_optimizers(self):
-        """AdamW over the groups planned in ``setup`` (planned now when no ``setup`` ran) + warm-up and cosine."""
+        """AdamW over the groups planned in ``setup`` (planned now when no ``setup`` ran), warm-up, then cosine
+        to the run's last step; a constant lr after the warm-up when the run has no step or epoch limit
+        (``max_time``, early stopping)."""
         hp = self.hparams
         plan = self._parameter_plan if self._parameter_plan is not None else self.parameter_plan()
-        return build_optimizer(self, plan, int(self.trainer.estimated_stepping_batches), hp.lr, hp.warmup_steps,
+        total = self.trainer.estimated_stepping_batches
+        if math.isinf(total):
+            rank_zero_warn("the run sets no max_steps or max_epochs, so the cosine schedule has no end: the learning "
+                           f"rate stays at lr={hp.lr} after the warm-up (set trainer.max_steps or max_epochs to "
+                           "decay it)")
+        return build_optimizer(self, plan, None if math.isinf(total) else int(total), hp.lr, hp.warmup_steps,
                                hp.min_lr_ratio)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping; by norm under FSDP through the sharded model's own ``clip_grad_norm_`` (the norm
+        over all shards), which Lightning's FSDP precision plugin leaves to the module."""
+        if (gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+                and isinstance(self.trainer.strategy, FSDPStrategy)):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the checkpoint's class names (warning when the data gave others); its weights are final."""

@@ -78,10 +78,10 @@ class ImageClassifier(FineTuningTask):
         images, labels = batch
         if self.mixup is not None:
             mixed, soft = self.mix(images, labels)
-            logits = self(mixed)
+            logits = self(mixed).float()
             loss = self.soft_loss(logits, soft)
         else:
-            logits = self(images)
+            logits = self(images).float()
             loss = self.loss(logits, labels)
         self.train_acc1(logits, labels)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
@@ -90,7 +90,7 @@ class ImageClassifier(FineTuningTask):
 
     def _evaluate(self, batch, stage: str) -> None:
         images, labels = batch
-        logits = self(images)
+        logits = self(images).float()
         self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
         self.val_acc1(logits, labels)
         self.val_acc5(logits, labels)

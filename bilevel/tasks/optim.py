@@ -85,20 +85,23 @@ def parameter_groups(module: nn.Module, plan: ParameterPlan, lr: float) -> list[
     return list(groups.values())
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate factor at ``step``: linear warm-up to 1, then cosine down to ``min_lr_ratio``."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: Optional[int], min_lr_ratio: float) -> float:
+    """Learning-rate factor at ``step``: linear warm-up to 1, then cosine down to ``min_lr_ratio`` at
+    ``total_steps`` (None: no end, the factor stays 1)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if total_steps is None:
+        return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(module: nn.Module, plan: ParameterPlan, total_steps: int, lr: float, warmup_steps: int,
-                    min_lr_ratio: float):
-    """AdamW over ``plan``'s groups + per-step LambdaLR (warm-up then cosine), in Lightning's
-    ``configure_optimizers`` format."""
+def build_optimizer(module: nn.Module, plan: ParameterPlan, total_steps: Optional[int], lr: float,
+                    warmup_steps: int, min_lr_ratio: float):
+    """AdamW over ``plan``'s groups + per-step LambdaLR (:func:`warmup_cosine`; ``total_steps`` None: no end),
+    in Lightning's ``configure_optimizers`` format."""
     optimizer = torch.optim.AdamW(parameter_groups(module, plan, lr), lr=lr)
-    warmup = min(warmup_steps, max(0, total_steps - 1))
+    warmup = warmup_steps if total_steps is None else min(warmup_steps, max(0, total_steps - 1))
 
     def factor(step: int) -> float:
         return warmup_cosine(step, warmup, total_steps, min_lr_ratio)

@@ -109,13 +109,13 @@ class SemanticSegmenter(FineTuningTask):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels, ignore_index=self.hparams.ignore_index)
+        loss = F.cross_entropy(self(images).float(), labels, ignore_index=self.hparams.ignore_index)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def _evaluate(self, batch, stage: str) -> None:
         images, labels = batch
-        logits = self.infer(images)
+        logits = self.infer(images).float()
         self.log(f"{stage}/loss", F.cross_entropy(logits, labels, ignore_index=self.hparams.ignore_index),
                  prog_bar=True, sync_dist=True)
         predictions = logits.argmax(dim=1)

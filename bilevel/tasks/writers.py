@@ -59,6 +59,11 @@ def _dataset_paths(dataloaders) -> Optional[list[str]]:
     return [str(path) for paths in listed for path in paths]
 
 
+def _rank_table(folder: Path, rank: int, world_size: int) -> Path:
+    """The CSV one process writes: ``predictions.csv`` alone, ``predictions-rank<r>.csv`` among several."""
+    return folder / ("predictions.csv" if world_size == 1 else f"predictions-rank{rank}.csv")
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes what ``predict_step`` returns, batch by batch.
 
@@ -69,7 +74,8 @@ class PredictionWriter(BasePredictionWriter):
     images of one folder sharing a stem are named by their full name (``x.jpg`` -> ``masks/x.jpg.png``,
     ``x.png`` -> ``masks/x.png.png``); see :func:`mask_file_names`. No mask overwrites another.
     output_dir: default ``<log dir>/predictions``. With several processes each writes its own CSV
-    (``predictions-rank<r>.csv``).
+    (``predictions-rank<r>.csv``) and, once all are done, the first merges them into ``predictions.csv`` in the
+    dataset's order (as one process writes it).
     """
 
     def __init__(self, output_dir: Optional[str] = None):
@@ -78,6 +84,7 @@ class PredictionWriter(BasePredictionWriter):
         self.csv_path: Optional[Path] = None
         self.masks_dir: Optional[Path] = None
         self.mask_names: Optional[dict[str, Path]] = None
+        self.paths: Optional[list[str]] = None
 
     def _resolve_dir(self, trainer) -> Path:
         if self.output_dir is not None:
@@ -87,11 +94,10 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         folder = self._resolve_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
-        self.csv_path, self.masks_dir = folder / name, folder / "masks"
+        self.csv_path, self.masks_dir = _rank_table(folder, trainer.global_rank, trainer.world_size), folder / "masks"
         self._csv_started = False
-        paths = _dataset_paths(trainer.predict_dataloaders)
-        self.mask_names = mask_file_names(paths) if paths is not None else None
+        self.paths = _dataset_paths(trainer.predict_dataloaders)
+        self.mask_names = mask_file_names(self.paths) if self.paths is not None else None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
@@ -124,5 +130,29 @@ class PredictionWriter(BasePredictionWriter):
             picture.save(target)
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("predictions written")
+            if trainer.is_global_zero and self._csv_started:
+                self.csv_path = self._merge_tables(trainer.world_size)
         written = self.csv_path if self._csv_started else self.masks_dir
         rank_zero_info(f"predictions written to {written}")
+
+    def _merge_tables(self, world_size: int) -> Path:
+        """Every process's CSV -> one ``predictions.csv``, rows in the dataset's order; the parts are removed."""
+        folder = self.csv_path.parent
+        parts = [_rank_table(folder, rank, world_size) for rank in range(world_size)]
+        header, rows = None, []
+        for part in parts:
+            if part.is_file():
+                with open(part, newline="") as handle:
+                    lines = list(csv.reader(handle))
+                header, rows = lines[0], rows + lines[1:]
+        if self.paths is not None:
+            order = {path: index for index, path in enumerate(self.paths)}
+            rows.sort(key=lambda row: order.get(row[0], len(order)))
+        merged = folder / "predictions.csv"
+        with open(merged, "w", newline="") as handle:
+            csv.writer(handle).writerows([header, *rows])
+        for part in parts:
+            part.unlink(missing_ok=True)
+        return merged

@@ -177,6 +177,21 @@ def test_predict_lists_every_unreadable_image_and_skips_hidden_folders(tmp_path)
     assert data.predict_dataset.paths == [new / "good.png", new / "sub" / "fine.png"]
 
 
+def test_fewer_images_to_predict_than_processes_is_named(tmp_path):
+    new = tmp_path / "new"
+    _image(new / "only.png")
+    classification = ImageFolderDataModule(str(_class_tree(tmp_path / "c")), num_workers=0, predict_root=str(new))
+    segmentation = SegmentationFolderDataModule(str(_segmentation_tree(tmp_path / "s")), num_workers=0,
+                                                predict_root=str(new))
+    for data in (classification, segmentation):
+        data.trainer = SimpleNamespace(world_size=2)
+        with pytest.raises(DatasetError, match=f"1 image\\(s\\) to predict in {new} for 2 processes: .*"
+                                               "--trainer.devices 1"):
+            data.setup("predict")
+        data.trainer = SimpleNamespace(world_size=1)
+        data.setup("predict")
+
+
 @pytest.mark.parametrize("world_size, drop_last", [(1, True), (16, False)])
 def test_last_partial_batch_is_dropped_only_when_every_process_keeps_a_batch(tmp_path, world_size, drop_last):
     """1000 samples in batches of 64: one process has 15 full batches; 16 processes have 63 samples each."""

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import csv
+import functools
 import shutil
 from pathlib import Path
 
+import lightning
 import numpy as np
 import torch
 
 import bilevel
+from bilevel.cli import main
 from bilevel.data import ShapesClassificationDataModule, read_image
 from bilevel.models.loading import read_checkpoint
 
-from .conftest import CONFIGS, column, read_metrics, run_bilevel
+from .conftest import CONFIGS, QUICK, column, read_metrics, run_bilevel
 
 CONFIG = str(CONFIGS / "quickstart_classification.yaml")
 RUN_DIR = Path("lightning_logs/quickstart_classification")
@@ -64,7 +67,8 @@ def test_fit_learns_predict_matches_checkpoint_and_resume_continues(tmp_path, bi
 
 
 def test_ddp_two_processes_on_a_user_folder_agrees_with_one_process(tmp_path, bilevel_cache):
-    """DDP (gloo, 2 CPU processes) fits a plain image folder; its metrics match a single-process validation."""
+    """DDP (gloo, 2 CPU processes) fits a plain image folder; its metrics match a single-process validation and
+    its predictions the library's."""
     root = bilevel.data.builtin_shapes(bilevel_cache) / "classification"
     data = ["--data", "bilevel.data.ImageFolderDataModule", "--data.root", str(root), "--data.batch_size", "8"]
     run_bilevel(["fit", "--config", CONFIG, *data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
@@ -82,6 +86,19 @@ def test_ddp_two_processes_on_a_user_folder_agrees_with_one_process(tmp_path, bi
     ddp_acc, single_acc = column(ddp, "val/acc1")[-1], column(single, "val/acc1")[-1]
     assert abs(ddp_acc - single_acc) <= 1 / 48 + 1e-6, (ddp_acc, single_acc)
     np.testing.assert_allclose(column(ddp, "val/loss")[-1], column(single, "val/loss")[-1], rtol=1e-3)
+
+    # predict in 2 processes: one predictions.csv, in the dataset's order, equal to the library's probabilities
+    run_bilevel(["predict", "--config", CONFIG, *data, "--ckpt_path", str(checkpoint), "--trainer.accelerator", "cpu",
+                 "--trainer.strategy", "ddp", "--trainer.devices", "2"], tmp_path, bilevel_cache)
+    folder = tmp_path / RUN_DIR / "version_2" / "predictions"
+    assert sorted(path.name for path in folder.iterdir()) == ["predictions.csv"]
+    with open(folder / "predictions.csv", newline="") as handle:
+        predicted = list(csv.DictReader(handle))
+    paths = [row["path"] for row in predicted]
+    assert paths == sorted(str(path) for path in (root / "val").rglob("*.png"))
+    names = read_checkpoint(checkpoint)["hyper_parameters"]["class_names"]
+    written = np.array([[float(row[name]) for name in names] for row in predicted])
+    np.testing.assert_allclose(written, _probabilities_in_process(checkpoint, paths, bilevel_cache), atol=1e-4)
 
 
 def test_official_weights_start_a_run_and_are_never_read_again(tmp_path, bilevel_cache):
@@ -117,3 +134,19 @@ def test_official_weights_start_a_run_and_are_never_read_again(tmp_path, bilevel
                  "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1"], tmp_path, bilevel_cache)
     resumed = [path for path in (tmp_path / RUN_DIR).glob("version_*/checkpoints/last.ckpt") if path != checkpoint]
     assert [read_checkpoint(path)["global_step"] for path in resumed] == [3]
+
+
+def test_predict_keeps_no_predictions_in_memory_unless_asked(tmp_path, monkeypatch, bilevel_cache):
+    """The PredictionWriter writes every batch to disk; the trainer holds the predictions only when asked."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BILEVEL_CACHE", str(bilevel_cache))
+    asked = []
+
+    @functools.wraps(lightning.Trainer.predict)      # the CLI builds its options from the signature
+    def recording_predict(trainer, **kwargs):
+        asked.append(kwargs["return_predictions"])
+
+    monkeypatch.setattr(lightning.Trainer, "predict", recording_predict)
+    main(["predict", "--config", CONFIG, *QUICK])
+    main(["predict", "--config", CONFIG, "--return_predictions", "true", *QUICK])
+    assert asked == [False, True]

@@ -71,9 +71,9 @@ def test_fsdp_config_trains_on_two_processes_serves_one_and_resumes(tmp_path, bi
     tiny = ["--model.model_name", "biformer_tiny", "--model.model_kwargs", "{depth: [1, 1, 1, 1]}",
             "--model.head_kwargs", "{channels: 32}", "--data", "bilevel.data.ShapesSegmentationDataModule",
             "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.precision", "32-true",
-            # SyncBatchNorm needs a GPU
-            "--trainer.sync_batchnorm", "false", "--trainer.val_check_interval", "2",
-            "--trainer.limit_val_batches", "1"]
+            # SyncBatchNorm needs a GPU; clipping by norm goes through FSDP's own clip_grad_norm_
+            "--trainer.sync_batchnorm", "false", "--trainer.gradient_clip_val", "1.0",
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
     run_bilevel(["fit", "--config", FSDP_CONFIG, *tiny, *CPU_FSDP, "--trainer.max_steps", "2"], tmp_path,
                 bilevel_cache, test_classes=True)
     checkpoint = tmp_path / "lightning_logs/multigpu_fsdp/version_0/checkpoints/last.ckpt"

@@ -98,6 +98,29 @@ def test_warmup_then_cosine_schedule():
     assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 15 / 16)).item()))
 
 
+def test_a_run_without_an_end_keeps_the_lr_after_warm_up():
+    """max_time or early stopping alone: Lightning estimates infinitely many steps, so no cosine decay."""
+    assert [warmup_cosine(step, 2, None, 0.1) for step in (0, 1, 2, 10 ** 6)] == [0.5, 1.0, 1.0, 1.0]
+    task = SemanticSegmenter(**SMALL, lr=1e-3, warmup_steps=2)
+    task.trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))
+    with pytest.warns(UserWarning, match="no max_steps or max_epochs"):
+        optimizers = task.configure_optimizers()
+    schedule = optimizers["lr_scheduler"]["scheduler"]
+    for _ in range(5):
+        optimizers["optimizer"].step()
+        schedule.step()
+    assert {group["lr"] for group in optimizers["optimizer"].param_groups} == {1e-3}
+
+
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
+def test_half_precision_loss_is_computed_in_float32():
+    """fp16 cross-entropy on the CPU overflows its mean beyond ~65,000 labelled pixels (here 256 x 256)."""
+    task = SemanticSegmenter(**SMALL).half()
+    images, labels = torch.randn(1, 3, 256, 256).half(), torch.randint(0, 3, (1, 256, 256))
+    loss = task.training_step((images, labels), 0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def _picture(path: Path, size: tuple[int, int]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.RandomState(sum(size)).randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
