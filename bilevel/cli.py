@@ -12,6 +12,7 @@ checkpoint written by ``bilevel fit``; official weights go to ``--model.checkpoi
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,12 +20,17 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
 
+from .data.images import DatasetError
+from .models._pyramid import InputSizeError
 from .models.loading import CheckpointError, is_sharded_checkpoint, read_checkpoint
 
-__all__ = ["BilevelCLI", "main", "require_lightning_checkpoint"]
+__all__ = ["BilevelCLI", "INPUT_ERRORS", "console_main", "main", "require_lightning_checkpoint"]
 
 #: ``--ckpt_path`` values Lightning resolves itself rather than reading a file of that name
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc")
+#: errors whose message names the bad file or argument: a checkpoint that cannot be used, a dataset problem
+#: found by the scan, an image the model cannot take
+INPUT_ERRORS = (CheckpointError, DatasetError, InputSizeError)
 #: the file of a sharded FSDP checkpoint folder where Lightning keeps everything but the tensors
 SHARDED_METADATA_FILE = "meta.pt"
 
@@ -92,10 +98,20 @@ class BilevelCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``bilevel`` console script."""
+    """Run the ``bilevel`` command line in this process (errors propagate)."""
     BilevelCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                save_config_kwargs={"overwrite": True}, args=args)
 
 
+def console_main() -> None:
+    """The ``bilevel`` console script: :func:`main`, with bad input (:data:`INPUT_ERRORS`) reported as one line on
+    stderr and exit status 2, as argparse reports a bad option, instead of a traceback."""
+    try:
+        main()
+    except INPUT_ERRORS as error:
+        print(f"bilevel: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -107,8 +107,9 @@ def test_official_weights_start_a_run_and_are_never_read_again(tmp_path, bilevel
     torch.save({"model": bilevel.create_model("biformer_tiny", depth=[1, 1, 1, 1]).state_dict()}, start)
     refused = run_bilevel(["fit", "--config", CONFIG, "--ckpt_path", str(start)], tmp_path, bilevel_cache,
                           should_fail=True)
-    assert f"{start} is not a checkpoint written by `bilevel fit`" in refused.stderr
+    assert f"bilevel: error: {start} is not a checkpoint written by `bilevel fit`" in refused.stderr
     assert f"--model.checkpoint_path {start}" in refused.stderr
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
 
     quick_fit = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
     run_bilevel(["fit", "--config", CONFIG, "--model.checkpoint_path", str(start), *quick_fit], tmp_path,
