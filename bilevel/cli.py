@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from .data.images import DatasetError
 from .models._pyramid import InputSizeError
-from .models.loading import CheckpointError, is_sharded_checkpoint, read_checkpoint
+from .models.loading import SHARDED_METADATA_FILE, CheckpointError, is_sharded_checkpoint, read_checkpoint
 
 __all__ = ["BilevelCLI", "INPUT_ERRORS", "console_main", "main", "require_lightning_checkpoint"]
 
@@ -31,8 +31,6 @@ LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc")
 #: errors whose message names the bad file or argument: a checkpoint that cannot be used, a dataset problem
 #: found by the scan, an image the model cannot take
 INPUT_ERRORS = (CheckpointError, DatasetError, InputSizeError)
-#: the file of a sharded FSDP checkpoint folder where Lightning keeps everything but the tensors
-SHARDED_METADATA_FILE = "meta.pt"
 
 
 def require_lightning_checkpoint(path: Union[str, Path], sharded_ok: bool = False) -> None:

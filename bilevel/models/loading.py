@@ -19,8 +19,8 @@ from timm.models import adapt_input_conv
 from timm.models._input import get_model_traits
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_weights", "load_pretrained_weights",
-           "create_model"]
+__all__ = ["CheckpointError", "SHARDED_METADATA_FILE", "is_sharded_checkpoint", "read_checkpoint", "extract_state_dict",
+           "load_weights", "load_pretrained_weights", "create_model"]
 
 PathLike = Union[str, Path]
 
@@ -52,8 +52,10 @@ _ZIP_MAGIC = b"PK"
 _PICKLE_MAGIC = b"\x80"
 
 
-#: the file that marks a folder as a torch.distributed.checkpoint (FSDP's sharded checkpoints)
+#: the file that marks a folder as a torch.distributed.checkpoint (FSDP's sharded checkpoints) ...
 _SHARDED_MARKER = ".metadata"
+#: ... and the file of such a folder where Lightning keeps everything but the tensors
+SHARDED_METADATA_FILE = "meta.pt"
 
 
 def is_sharded_checkpoint(path: PathLike) -> bool:

@@ -146,7 +146,8 @@ class PredictionWriter(BasePredictionWriter):
             if part.is_file():
                 with open(part, newline="") as handle:
                     lines = list(csv.reader(handle))
-                header, rows = lines[0], rows + lines[1:]
+                header = lines[0]
+                rows.extend(lines[1:])
         if self.paths is not None:
             order = {path: index for index, path in enumerate(self.paths)}
             rows.sort(key=lambda row: order.get(row[0], len(order)))

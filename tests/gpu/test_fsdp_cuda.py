@@ -19,6 +19,7 @@ import yaml
 from bilevel.data import ShapesSegmentationDataModule
 from bilevel.models.loading import read_checkpoint
 from bilevel.tasks import SemanticSegmenter
+from tests.tasks.test_fsdp import planned_groups, saved_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -60,12 +61,7 @@ def test_fsdp_config_strategy_trains_each_family_on_cuda(model_name, tmp_path):
     saved = read_checkpoint(checkpoint)
     assert saved["global_step"] == 2 and not [key for key in saved["state_dict"] if "wrapped" in key]
     plain = SemanticSegmenter.load_from_checkpoint(checkpoint, map_location="cuda")
-    plan = plain.parameter_plan()
-    planned = sorted((decay, scale, sum(1 for value in plan.values() if value == (decay, scale)))
-                     for decay, scale in set(plan.values()))
-    written = sorted((group["weight_decay"], group["lr_scale"], len(group["params"]))
-                     for group in saved["optimizer_states"][0]["param_groups"])
-    assert written == planned
+    assert saved_groups(saved) == planned_groups(plain)
     with torch.no_grad():
         logits = plain.eval()(torch.randn(1, 3, 224, 224, device="cuda"))
     assert logits.shape == (1, data.num_classes, 224, 224) and torch.isfinite(logits).all()

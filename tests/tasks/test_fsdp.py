@@ -23,6 +23,19 @@ CPU_FSDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer
             "--trainer.strategy.process_group_backend", "gloo"]
 
 
+def planned_groups(task) -> list[tuple[float, float, int]]:
+    """Sorted (weight decay, lr scale, parameter count) of the groups the plain task's plan makes."""
+    plan = task.parameter_plan()
+    return sorted((decay, scale, sum(1 for value in plan.values() if value == (decay, scale)))
+                  for decay, scale in set(plan.values()))
+
+
+def saved_groups(checkpoint: dict) -> list[tuple[float, float, int]]:
+    """Sorted (weight decay, lr scale, parameter count) of the optimiser groups a checkpoint holds."""
+    return sorted((group["weight_decay"], group["lr_scale"], len(group["params"]))
+                  for group in checkpoint["optimizer_states"][0]["param_groups"])
+
+
 def _groups_by_name(module: torch.nn.Module, groups: list[dict]) -> dict[str, list[float]]:
     """parameter name (as the plain model has it) -> [weight decay, lr] of the group holding it."""
     name_of = {id(param): unwrapped_name(name) for name, param in module.named_parameters()}
@@ -83,12 +96,8 @@ def test_fsdp_config_trains_on_two_processes_serves_one_and_resumes(tmp_path, bi
 
     plain = SemanticSegmenter.load_from_checkpoint(checkpoint)
     assert plain.state_dict().keys() == saved["state_dict"].keys()
-    plan = plain.parameter_plan()
-    planned = sorted((decay, scale, sum(1 for value in plan.values() if value == (decay, scale)))
-                     for decay, scale in set(plan.values()))
-    written = sorted((group["weight_decay"], group["lr_scale"], len(group["params"]))
-                     for group in saved["optimizer_states"][0]["param_groups"])
-    assert written == planned
+    written = saved_groups(saved)
+    assert written == planned_groups(plain)
     assert {decay for decay, _, _ in written} == {0.0, 0.01} and len({scale for _, scale, _ in written}) > 3
 
     single = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
