@@ -14,7 +14,8 @@ least 32 px works; at the official sizes nothing is padded and the output is ide
 """
 from __future__ import annotations
 
-from functools import partial
+import math
+from functools import cached_property, partial
 from typing import Optional, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..ops.bra import BiLevelRoutingAttention, NCHWBiLevelRoutingAttention, lepe_conv
-from ._pyramid import PyramidBackbone, build_pyramid, imagenet_cfg
+from ._pyramid import InputSizeError, PyramidBackbone, build_pyramid, imagenet_cfg
 
 __all__ = ["BiFormer", "BiFormerSTL", "AttentionLePE", "NCHWAttentionLePE"]
 
@@ -254,6 +255,26 @@ class _BiFormerBase(PyramidBackbone):
         self.init_classifier(dims[-1], num_classes, drop_rate, global_pool,
                              [dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}")
                               for i, dim in enumerate(dims)])
+
+    @cached_property
+    def unpadded_side_multiple(self) -> int:
+        """The multiple of which image sides must be when some BRA stage is built with ``auto_pad=False``
+        (stride of that stage x n_win, e.g. 112 for the official models); 1 when every BRA pads."""
+        multiple = 1
+        for index, stage in enumerate(self.stages):
+            for module in stage.modules():
+                if isinstance(module, BiLevelRoutingAttention) and not module.auto_pad:
+                    multiple = math.lcm(multiple, 2 ** (index + 2) * module.n_win)
+        return multiple
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        x = super().prepare_input(x)
+        multiple = self.unpadded_side_multiple
+        if x.shape[-2] % multiple or x.shape[-1] % multiple:
+            raise InputSizeError(f"a {x.shape[-2]}x{x.shape[-1]} image does not fit {type(self).__name__} built with "
+                                 f"auto_pad=False: each side must be a multiple of {multiple} pixels, so that every "
+                                 "BRA stage splits into its regions; build it with auto_pad=True (the default) to pad")
+        return x
 
     def run_stage(self, index: int, x: Tensor) -> Tensor:
         """(N, C_{i-1}, H, W) -> (N, C_i, H', W'): downsample, then the blocks of stage ``index``."""

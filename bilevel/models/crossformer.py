@@ -201,7 +201,7 @@ class CrossFormer(PyramidBackbone):
             self.layers.append(CrossFormerStage(blocks, downsample))
         self.norm = nn.LayerNorm(dims[-1])
         self.init_classifier(dims[-1], num_classes, drop_rate, global_pool,
-                             [dict(num_chs=dim, reduction=patch_size[0] * 2 ** i, module=f"layers.{i}")
+                             [dict(num_chs=dim, reduction=patch_size[0] * 2 ** i, module=f"layers.{i}.blocks")
                               for i, dim in enumerate(dims)])
 
     def run_stage(self, index: int, x: Tensor) -> Tensor:
@@ -216,7 +216,7 @@ class CrossFormer(PyramidBackbone):
         return self.layers[index].blocks(x)
 
     def stage_to_nchw(self, index: int, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)
+        return x.permute(0, 3, 1, 2).contiguous()
 
     def stage_containers(self) -> list[nn.ModuleList]:
         return [self.layers]
@@ -235,7 +235,7 @@ class CrossFormer(PyramidBackbone):
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's layer grouping (for layer-wise lr decay): embedding, then stages/blocks."""
         return dict(stem=r"^patch_embed",
-                    blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.downsample", (0,)),
+                    blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.downsample", (99998,)),
                                                              (r"^layers\.(\d+)\.blocks\.(\d+)", None),
                                                              (r"^norm", (99999,))])
 

@@ -246,6 +246,13 @@ class GroupAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the offset table and index in place: timm's hook after building on the meta device
+        (``to_empty`` leaves them uninitialised; checkpoints do not hold them)."""
+        if self.pos is not None:
+            self.biases.copy_(relative_offsets(self.group_size, self.biases.device))
+            self.relative_position_index.copy_(relative_position_index(self.group_size, self.biases.device))
+
     def position_bias(self, group_size: int) -> Optional[Tensor]:
         """DPB bias of every (query, key) pair of a G x G group: (num_heads, G^2, G^2); None without DPB."""
         if self.pos is None:

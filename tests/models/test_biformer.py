@@ -78,8 +78,9 @@ def test_padding_is_a_no_op_at_official_sizes():
     strict.load_state_dict(padded.state_dict())
     x = torch.randn(1, 3, 112, 224)
     torch.testing.assert_close(padded(x), strict(x))
-    with pytest.raises(ValueError, match="does not divide into 7x7 regions"):
-        strict(torch.randn(1, 3, 96, 96))
+    with pytest.raises(InputSizeError, match=r"a 252x252 image does not fit BiFormer built with auto_pad=False: "
+                                             r"each side must be a multiple of 112"):
+        strict(torch.randn(1, 3, 252, 252))   # a multiple of 7, still not of 112 (stage 3 is 1/16)
 
 
 def test_stl_nchw_runs_on_non_multiples_and_refuses_tiny_inputs():
