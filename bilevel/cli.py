@@ -12,41 +12,94 @@ checkpoint written by ``bilevel fit``; official weights go to ``--model.checkpoi
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
 
-from .data.images import DatasetError
+from .data.images import DatasetError, ImageReadError
+from .data.scan import first_few
 from .models._pyramid import InputSizeError
 from .models.loading import SHARDED_METADATA_FILE, CheckpointError, is_sharded_checkpoint, read_checkpoint
 
-__all__ = ["BilevelCLI", "INPUT_ERRORS", "console_main", "main", "require_lightning_checkpoint"]
+__all__ = ["BilevelCLI", "INPUT_ERRORS", "console_main", "main", "require_lightning_checkpoint", "require_same_task",
+           "require_same_classes"]
 
 #: ``--ckpt_path`` values Lightning resolves itself rather than reading a file of that name
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc")
 #: errors whose message names the bad file or argument: a checkpoint that cannot be used, a dataset problem
-#: found by the scan, an image the model cannot take
-INPUT_ERRORS = (CheckpointError, DatasetError, InputSizeError)
+#: found by the scan, an image that cannot be read (with the scan off), an image the model cannot take
+INPUT_ERRORS = (CheckpointError, DatasetError, ImageReadError, InputSizeError)
+#: how a DataLoader worker's error message ends: the worker's traceback, whose last line is the original error
+_WORKER_TRACEBACK = "Original Traceback"
 
 
-def require_lightning_checkpoint(path: Union[str, Path], sharded_ok: bool = False) -> None:
+def require_lightning_checkpoint(path: Union[str, Path], sharded_ok: bool = False) -> dict[str, Any]:
     """Check (reading weights-only) that ``path`` is a Lightning checkpoint, as ``--ckpt_path`` needs.
 
     sharded_ok: a sharded FSDP checkpoint folder is accepted (the run uses FSDP); its Lightning metadata
         file (``meta.pt``) is what gets checked.
+    returns: the checkpoint's hyperparameters (empty when it saved none).
     raises: FileNotFoundError, or CheckpointError naming the file and pointing official weights to
         ``--model.checkpoint_path`` and a sharded checkpoint, outside FSDP, to its consolidation.
     """
     if sharded_ok and is_sharded_checkpoint(path):
         path = Path(path).expanduser() / SHARDED_METADATA_FILE
-    if "pytorch-lightning_version" not in read_checkpoint(path):
+    checkpoint = read_checkpoint(path)
+    if "pytorch-lightning_version" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint written by `bilevel fit` (it holds model weights only, "
                               "like the official .pth files): --ckpt_path resumes or reuses a Lightning checkpoint. "
                               f"To start from these weights, pass --model.checkpoint_path {path}")
+    return dict(checkpoint.get("hyper_parameters") or {})
+
+
+def _import_class(class_path: str) -> Optional[type]:
+    """The class a ``class_path`` names (None when it cannot be imported, or is not a class)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _describe_checkpoint(hparams: dict[str, Any]) -> str:
+    """'a checkpoint of SemanticSegmenter with 3 classes (a, b, c)', from the checkpoint's hyperparameters."""
+    task = hparams.get("_class_path", "a model").rpartition(".")[2]
+    return f"a checkpoint of {task} with {_classes(hparams.get('num_classes'), hparams.get('class_names'))}"
+
+
+def _classes(count: Optional[int], names: Optional[list[str]]) -> str:
+    """'3 classes (a, b, c)', naming a few of them."""
+    return f"{count} classes" + (f" ({first_few(names)})" if names else "")
+
+
+def require_same_task(path: Union[str, Path], hparams: dict[str, Any], class_path: Optional[str]) -> None:
+    """A CheckpointError naming ``path`` when its model class (its ``_class_path``) is not ``class_path``, the run's,
+    nor a subclass or base class of it.
+
+    Checkpoints that do not record an importable class (saved outside the ``bilevel`` command) are not checked.
+    """
+    saved, run = (_import_class(name) if name else None for name in (hparams.get("_class_path"), class_path))
+    if saved is None or run is None or issubclass(saved, run) or issubclass(run, saved):
+        return
+    raise CheckpointError(f"{path} is {_describe_checkpoint(hparams)}, but this run's model is "
+                          f"{class_path.rpartition('.')[2]}: pass a checkpoint of the same task, or the config the "
+                          "checkpoint was trained with")
+
+
+def require_same_classes(path: Union[str, Path], hparams: dict[str, Any], datamodule: LightningDataModule) -> None:
+    """A CheckpointError naming ``path`` when its class count differs from the data's (its weights cannot load)."""
+    saved, given = hparams.get("num_classes"), getattr(datamodule, "num_classes", None)
+    if saved is None or given is None or saved == given:
+        return
+    data = _classes(given, getattr(datamodule, "class_names", None))
+    raise CheckpointError(f"{path} is {_describe_checkpoint(hparams)}, but the data gives {data}: use the data it was "
+                          "trained on (the same class folders, or classes.txt), or a checkpoint trained on this data")
 
 
 def _names_a_local_file(ckpt_path: str) -> bool:
@@ -58,13 +111,28 @@ def _names_a_local_file(ckpt_path: str) -> bool:
 class BilevelCLI(LightningCLI):
     """LightningCLI with the links between data and model, and a checked ``--ckpt_path``."""
 
+    #: the hyperparameters of the ``--ckpt_path`` file, once read and checked
+    _checkpoint_hparams: Optional[dict[str, Any]] = None
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a ``--ckpt_path`` of another task, before Lightning takes its hyperparameters (its model class among
+        them) for the run's model."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and Path(ckpt_path).expanduser().is_file():
+            self._checkpoint_hparams = require_lightning_checkpoint(ckpt_path)
+            require_same_task(ckpt_path, self._checkpoint_hparams,
+                              self.config[subcommand].get("model", {}).get("class_path"))
+        super()._parse_ckpt_path()
+
     def _restore_from_ckpt_path(self, subcommand: str) -> None:
-        """Check ``--ckpt_path`` and hand it to the trainer before the run starts.
+        """Check ``--ckpt_path`` (a Lightning checkpoint of the data's class count) and hand it to the trainer before
+        the run starts.
 
         Set as ``trainer.ckpt_path``, it is known when the model's ``setup`` runs, so the model skips its
         ``checkpoint_path`` start weights (restoring happens after ``setup``).
@@ -73,7 +141,11 @@ class BilevelCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None or not _names_a_local_file(str(ckpt_path)):
             return
-        require_lightning_checkpoint(ckpt_path, sharded_ok=isinstance(self.trainer.strategy, FSDPStrategy))
+        hparams = self._checkpoint_hparams
+        if hparams is None:   # a sharded checkpoint folder, which only FSDP reads
+            sharded_ok = isinstance(self.trainer.strategy, FSDPStrategy)
+            hparams = require_lightning_checkpoint(ckpt_path, sharded_ok=sharded_ok)
+        require_same_classes(ckpt_path, hparams, self.datamodule)
         self.trainer.ckpt_path = ckpt_path
         config["ckpt_path"] = None
 
@@ -107,8 +179,17 @@ def console_main() -> None:
     try:
         main()
     except INPUT_ERRORS as error:
-        print(f"bilevel: error: {error}", file=sys.stderr)
+        print(f"bilevel: error: {_input_error_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _input_error_message(error: Exception) -> str:
+    """The error's message; for one re-raised from a DataLoader worker, the original message without the worker's
+    traceback (its last line, after the error's type)."""
+    message = str(error)
+    if _WORKER_TRACEBACK not in message:
+        return message
+    return message.rstrip().splitlines()[-1].partition(": ")[2]
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ from lightning import LightningDataModule
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
-from .images import list_images, read_image
-from .scan import DatasetError, check_images, class_folders, require_folder
+from .images import folder_files, read_image
+from .scan import (DatasetError, check_common_arguments, check_images, class_folders, require_argument, require_folder,
+                   warn_unlisted)
 from .shapes import builtin_shapes
 from .transforms import model_data_config
 
@@ -51,8 +52,9 @@ class UnlabelledImages(Dataset):
 
 def prediction_paths(predict_root: Optional[str], default: Sequence[Path], scan: bool,
                      processes: int = 1) -> list[Path]:
-    """The images to predict on: those of ``predict_root`` (its sub-folders too, hidden ones skipped), else
-    ``default``; with ``scan``, all decode-checked first (one DatasetError listing every unreadable file).
+    """The images to predict on: those of ``predict_root`` (its sub-folders too, hidden ones skipped; a warning
+    names the files that are not images by name), else ``default``; with ``scan``, all decode-checked first (one
+    DatasetError listing every unreadable file).
 
     processes: the trainer's world size; Lightning's prediction sampler gives every process one image at least.
     raises: DatasetError when the folder is missing, holds no image, or fewer images than ``processes``.
@@ -61,9 +63,10 @@ def prediction_paths(predict_root: Optional[str], default: Sequence[Path], scan:
         paths = list(default)
     else:
         folder = require_folder(Path(predict_root).expanduser(), "prediction folder")
-        paths = list_images(folder, recursive=True)
+        paths, others = folder_files(folder, recursive=True)
         if not paths:
             raise DatasetError(f"{folder}: no image files to predict on")
+        warn_unlisted(others)
     if len(paths) < processes:
         where = predict_root if predict_root is not None else "the validation images"
         raise DatasetError(f"{len(paths)} image(s) to predict in {where} for {processes} processes: every process "
@@ -71,6 +74,11 @@ def prediction_paths(predict_root: Optional[str], default: Sequence[Path], scan:
     if scan:
         check_images(paths, "checking images to predict")
     return paths
+
+
+def _labelled(classes: dict[str, list[Path]], names: Sequence[str]) -> list[tuple[Path, int]]:
+    """(image, label) of every image of ``classes`` (name -> images), label = the name's index in ``names``."""
+    return [(path, label) for label, name in enumerate(names) for path in classes.get(name, [])]
 
 
 def world_size(datamodule: LightningDataModule) -> int:
@@ -91,12 +99,16 @@ class ImageFolderDataModule(LightningDataModule):
     """Class folders on disk -> timm-augmented batches ((N, 3, S, S) images, (N,) labels).
 
     root: a folder with ``train/`` and ``val/`` class folders, or (with ``val_fraction``) one folder of
-        class folders split with the fixed ``split_seed``. Images in sub-folders of a class folder belong to
-        that class; hidden files and folders are skipped; ``val/`` may lack some classes.
+        class folders, each split with the fixed ``split_seed`` in the same proportion (stratified). ``train/`` is
+        taken as the split folder when there is a ``val/`` or it holds sub-folders; otherwise it is a class like
+        any other. Images in sub-folders of a class folder (links followed) belong to that class; hidden files and
+        folders are skipped; ``val/`` may lack some classes. A warning names the files left out: those that are not
+        images by name, and images lying outside the class folders.
     model_name: the backbone, for its mean/std/input size (linked from the model by ``bilevel`` CLI).
     image_size: overrides the backbone's input size.
     predict_root: images to predict on (``bilevel predict``); default: the validation images.
     ``num_classes`` and ``class_names`` are known as soon as the module exists, so the CLI hands them to the model.
+    raises: DatasetError naming the folder, or the argument, that cannot be used.
     """
 
     def __init__(self, root: str, model_name: Optional[str] = None, image_size: Optional[int] = None,
@@ -110,9 +122,11 @@ class ImageFolderDataModule(LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.scale, self.hflip, self.auto_augment = tuple(scale), hflip, auto_augment
         self.predict_root, self.scan = predict_root, scan
+        check_common_arguments(image_size, self.scale, hflip, batch_size, num_workers)
         self.root = Path(root).expanduser()
         require_folder(self.root, "dataset root")
         self.data_config = model_data_config(model_name, image_size)
+        self._check_auto_augment()
         self.train_samples, self.val_samples, self.class_names = self._find_samples()
         if len(self.class_names) < 2:
             raise DatasetError(f"{self.root}: only one class folder ({self.class_names[0]}); a classifier needs "
@@ -123,35 +137,65 @@ class ImageFolderDataModule(LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _find_samples(self):
-        train_dir, val_dir = self.root / "train", self.root / "val"
-        if train_dir.is_dir():
-            names = class_folders(train_dir)
-            if not val_dir.is_dir():
-                raise DatasetError(f"{val_dir}: missing split folder (found {train_dir}; put the validation "
-                                   f"class folders in {val_dir}, or point root at one folder of class folders to "
-                                   "split it with val_fraction)")
-            val_names = class_folders(val_dir)
-            unknown = sorted(set(val_names) - set(names))
-            if unknown:
-                raise DatasetError(f"{val_dir}: class folders {unknown} are not in {train_dir}")
-            return self._samples(train_dir, names), self._samples(val_dir, names), names
-        names = class_folders(self.root)
-        samples = self._samples(self.root, names)
-        if not 0 < self.val_fraction < 1:
-            raise DatasetError(f"{self.root} has no train/ and val/ folders: set val_fraction in (0, 1) to split it "
-                               f"(got {self.val_fraction})")
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.split_seed))
-        n_val = max(1, round(len(samples) * self.val_fraction))
-        val = [samples[i] for i in sorted(order[:n_val].tolist())]
-        train = [samples[i] for i in sorted(order[n_val:].tolist())]
-        return train, val, names
+    def _check_auto_augment(self) -> None:
+        """A DatasetError naming ``auto_augment`` when timm does not know the policy."""
+        try:
+            self.transform(training=True)
+        except (AssertionError, ValueError, KeyError, IndexError):
+            raise DatasetError(f"auto_augment={self.auto_augment!r}: not a timm augmentation policy; use "
+                               "e.g. 'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5-w4-d2' (AugMix) or "
+                               "'original' (AutoAugment), or None for none") from None
 
-    @staticmethod
-    def _samples(split_dir: Path, names: Sequence[str]) -> list[tuple[Path, int]]:
-        """(image, label) of every image of the class folders (nested sub-folders too); absent folders are skipped."""
-        return [(path, label) for label, name in enumerate(names) if (split_dir / name).is_dir()
-                for path in list_images(split_dir / name, recursive=True)]
+    def _is_split_layout(self) -> bool:
+        """``root/train/`` is the training split, not a class: there is a ``val/``, or it holds sub-folders."""
+        train_dir = self.root / "train"
+        return train_dir.is_dir() and ((self.root / "val").is_dir() or any(
+            entry.is_dir() and not entry.name.startswith(".") for entry in train_dir.iterdir()))
+
+    def _find_samples(self):
+        if not self._is_split_layout():
+            classes = class_folders(self.root)
+            names = sorted(classes)
+            return (*self._split(classes, names), names)
+        train_dir, val_dir = self.root / "train", self.root / "val"
+        classes = class_folders(train_dir)
+        if not val_dir.is_dir():
+            raise DatasetError(f"{val_dir}: missing split folder (found {train_dir}, taken as the training split as it "
+                               f"holds sub-folders; put the validation class folders in {val_dir}, or point root at "
+                               "one folder of class folders to split it with val_fraction)")
+        val_classes = class_folders(val_dir)
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise DatasetError(f"{val_dir}: class folders {unknown} are not in {train_dir}")
+        names = sorted(classes)
+        return _labelled(classes, names), _labelled(val_classes, names), names
+
+    def _held_out(self, classes: dict[str, list[Path]]) -> dict[str, int]:
+        """Class name -> how many of its images ``val_fraction`` holds out (rounded), each class keeping one training
+        image at least; one image of the largest class when the rounding holds out none."""
+        require_argument(0 < self.val_fraction < 1, "val_fraction", self.val_fraction,
+                         f"{self.root} has no train/ and val/ folders: set val_fraction in (0, 1) to split it")
+        counts = {name: min(round(len(images) * self.val_fraction), len(images) - 1)
+                  for name, images in classes.items()}
+        largest = max(classes, key=lambda name: len(classes[name]))
+        if not any(counts.values()) and len(classes[largest]) > 1:
+            counts[largest] = 1
+        if not any(counts.values()):
+            raise DatasetError(f"{self.root}: val_fraction={self.val_fraction} holds out no validation image, as every "
+                               "class keeps one training image at least and each has one image only: add images, or "
+                               "give train/ and val/ folders")
+        return counts
+
+    def _split(self, classes: dict[str, list[Path]], names: Sequence[str]):
+        """(train, val) samples: the ``_held_out`` images of each class (stratified), drawn with ``split_seed``."""
+        counts = self._held_out(classes)
+        generator = torch.Generator().manual_seed(self.split_seed)
+        train, val = [], []
+        for label, name in enumerate(names):
+            order = torch.randperm(len(classes[name]), generator=generator).tolist()
+            val += [(classes[name][i], label) for i in sorted(order[:counts[name]])]
+            train += [(classes[name][i], label) for i in sorted(order[counts[name]:])]
+        return train, val
 
     def transform(self, training: bool):
         """timm's train (random-resized crop, flip, optional auto-augment) or eval (resize, centre crop) pipeline."""

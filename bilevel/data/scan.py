@@ -1,26 +1,37 @@
 """The quick scan before a run: every problem found here names the file (or folder) and what is wrong.
 
 The scan goes through every file (with a progress bar) and reports all the problems it finds at once,
-so one pass shows everything to fix. Nothing is written: the user's files are only opened for reading.
+so one pass shows everything to fix. Files it leaves out (not images by their name, images outside any
+class folder) are named in a warning. Nothing is written: the user's files are only opened for reading.
 """
 from __future__ import annotations
 
+import unicodedata
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, TypeVar
+from typing import Any, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_warn
 from tqdm import tqdm
 
-from .images import DatasetError, ImageReadError, check_image, list_images, read_mask
+from .images import (QUARTER_TURNS, DatasetError, ImageReadError, check_image, folder_files, read_mask,
+                     stored_orientation)
 from .transforms import train_labels
 
-__all__ = ["DatasetError", "require_folder", "class_folders", "check_images", "check_segmentation_pairs"]
+__all__ = ["DatasetError", "MaskValues", "require_folder", "require_argument", "check_common_arguments", "first_few",
+           "warn_left_out", "warn_unlisted", "class_folders", "check_images", "check_segmentation_pairs",
+           "implied_class_count", "check_mask_classes"]
 
 Item = TypeVar("Item")
+#: value stored in a mask -> its number of pixels
+MaskValues = dict[int, int]
 
 #: the scan's progress bar appears once a scan has taken this long (a quick scan prints nothing)
 PROGRESS_DELAY_S = 1.0
+#: how many files (or classes) a message names before it gives only their count
+SHOWN = 5
 
 
 def require_folder(path: Path, what: str) -> Path:
@@ -30,16 +41,82 @@ def require_folder(path: Path, what: str) -> Path:
     return path
 
 
-def class_folders(split_dir: Path) -> list[str]:
-    """Class names = the sub-folders of a split folder, sorted; each must hold an image (at any depth)."""
+def require_argument(valid: bool, name: str, value: Any, expected: str) -> None:
+    """A DatasetError naming the data-module argument ``name`` unless ``valid``."""
+    if not valid:
+        raise DatasetError(f"{name}={value!r}: {expected}")
+
+
+def check_common_arguments(image_size: Optional[int], scale: Sequence[float], hflip: float, batch_size: int,
+                           num_workers: int) -> None:
+    """The arguments both folder data modules take, each in its range (a DatasetError names the first that is not)."""
+    require_argument(image_size is None or image_size >= 1, "image_size", image_size,
+                     "must be a side of 1 pixel or more")
+    require_argument(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "scale", tuple(scale),
+                     "must be (smallest, largest) fraction of the picture's area kept by the random crop, "
+                     "with 0 < smallest <= largest <= 1")
+    require_argument(0 <= hflip <= 1, "hflip", hflip, "must be a probability in [0, 1]")
+    require_argument(batch_size >= 1, "batch_size", batch_size, "must be 1 or more")
+    require_argument(num_workers >= 0, "num_workers", num_workers, "must be 0 (load in the main process) or more")
+
+
+def first_few(items: Sequence[Any]) -> str:
+    """The first ``SHOWN`` items, comma-separated, with the count of the others."""
+    shown = ", ".join(str(item) for item in items[:SHOWN])
+    return shown + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+def warn_left_out(files: Sequence[Path], why: str) -> None:
+    """A warning naming a few of ``files``, their count and ``why`` they are not used; nothing when there are none."""
+    if files:
+        rank_zero_warn(f"{len(files)} file(s) left out, {why}: {first_few(files)}")
+
+
+def warn_unlisted(others: Sequence[Path]) -> None:
+    """The warning for files left out because their names do not end like an image file's."""
+    warn_left_out(others, "as their names do not end like an image file's (.jpg, .png, .tif, ... any format Pillow "
+                          "reads); give the images among them such an ending")
+
+
+def _class_folder_paths(split_dir: Path) -> dict[str, Path]:
+    """Class name (Unicode NFC, as Linux and Windows write it) -> folder, for the visible sub-folders of a split."""
+    folders = {}
+    for entry in sorted(split_dir.iterdir()):
+        if entry.is_dir() and not entry.name.startswith("."):
+            name = unicodedata.normalize("NFC", entry.name)
+            if name in folders:
+                raise DatasetError(f"{split_dir}: the class folders {folders[name].name!r} and {entry.name!r} have "
+                                   "the same name written two ways (Unicode normalisation): merge them")
+            folders[name] = entry
+    return folders
+
+
+def class_folders(split_dir: Path) -> dict[str, list[Path]]:
+    """Class name -> the image files of its folder (sub-folders too), for the class folders of a split folder.
+
+    Names are compared in Unicode NFC (macOS writes accents decomposed); the files keep their real paths.
+    Images lying in ``split_dir`` itself (in no class) and files that are not images by name are named in a warning.
+    raises: DatasetError when there is no class folder, or one holds no image.
+    """
     require_folder(split_dir, "split folder")
-    names = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if not names:
-        raise DatasetError(f"{split_dir}: no class folders found (expected {split_dir}/<class name>/<image files>)")
-    for name in names:
-        if not list_images(split_dir / name, recursive=True):
-            raise DatasetError(f"{split_dir / name}: empty class folder (no image files in it)")
-    return names
+    folders = _class_folder_paths(split_dir)
+    loose = folder_files(split_dir).images
+    if not folders:
+        hint = " (the images directly in it belong to no class)" if loose else ""
+        raise DatasetError(f"{split_dir}: no class folders found (expected {split_dir}/<class name>/<image files>)"
+                           f"{hint}")
+    classes, others = {}, []
+    for name, folder in folders.items():
+        files = folder_files(folder, recursive=True)
+        if not files.images:
+            unlisted = f"; its other files are not images by name: {first_few(files.others)}" if files.others else ""
+            raise DatasetError(f"{folder}: empty class folder (no image files in it{unlisted})")
+        classes[name] = files.images
+        others += files.others
+    warn_left_out(loose, f"as they lie in {split_dir} itself, outside the class folders; move them into their class "
+                         "folder")
+    warn_unlisted(others)
+    return classes
 
 
 def _progress(items: Sequence[Item], description: str) -> Iterable[Item]:
@@ -70,46 +147,120 @@ def check_images(paths: Sequence[Path], description: str = "checking images") ->
     _raise_problems(problems)
 
 
+def _size_problem(image_path: Path, mask_path: Path, mask_size: tuple[int, int], image_size: tuple[int, int]) -> str:
+    """The message for a mask of another size than its image, saying when the image's EXIF orientation turns it."""
+    message = (f"{mask_path}: mask size {mask_size[0]}x{mask_size[1]} differs from its image {image_path.name} "
+               f"({image_size[0]}x{image_size[1]})")
+    orientation = stored_orientation(image_path)
+    if orientation in QUARTER_TURNS and mask_size == image_size[::-1]:
+        message += (f": {image_path.name} is stored as {mask_size[0]}x{mask_size[1]}, but its EXIF orientation "
+                    f"{orientation} displays it as {image_size[0]}x{image_size[1]}; masks must match the picture as "
+                    "displayed (turn the mask, or save the image upright without the orientation tag)")
+    return message
+
+
 def _pair_problems(image_path: Path, mask_path: Path, num_classes: Optional[int], ignore_index: int,
-                   reduce_zero_label: bool) -> tuple[list[str], np.ndarray]:
-    """(what is wrong with one image/mask pair, its training labels other than the ignore index)."""
+                   reduce_zero_label: bool) -> tuple[list[str], MaskValues]:
+    """(what is wrong with one image/mask pair, the pixel count of each value stored in its mask)."""
     try:
         image_size = check_image(image_path)
         mask = read_mask(mask_path)
     except ImageReadError as error:
-        return [str(error)], np.zeros(0, dtype=np.int64)
+        return [str(error)], {}
     problems = []
     if (mask.shape[1], mask.shape[0]) != image_size:
-        problems.append(f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
-                        f"{image_path.name} ({image_size[0]}x{image_size[1]})")
-    labels = train_labels(np.unique(mask), ignore_index, reduce_zero_label)
+        problems.append(_size_problem(image_path, mask_path, (mask.shape[1], mask.shape[0]), image_size))
+    values, pixels = np.unique(mask, return_counts=True)
+    labels = train_labels(values, ignore_index, reduce_zero_label)
     labels = labels[labels != ignore_index]
     if labels.size and labels.min() < 0:
         problems.append(f"{mask_path}: negative label {int(labels.min())} in the mask")
     if labels.size and num_classes is not None and labels.max() >= num_classes:
         problems.append(f"{mask_path}: label {int(labels.max())} is outside the class range "
                         f"0..{num_classes - 1} (and is not the ignore index {ignore_index})")
-    return problems, labels
+    return problems, dict(zip(values.tolist(), pixels.tolist()))
+
+
+def _label_pixels(mask_values: Iterable[MaskValues], ignore_index: int, reduce_zero_label: bool) -> Counter:
+    """Training label -> its pixels over all the masks (the ignore index left out)."""
+    totals = Counter()
+    for values in mask_values:
+        for value, pixels in values.items():
+            label = int(train_labels(np.array(value), ignore_index, reduce_zero_label))
+            if label != ignore_index:
+                totals[label] += pixels
+    return totals
 
 
 def check_segmentation_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: Optional[int],
                              ignore_index: int, reduce_zero_label: bool,
-                             description: str = "checking images and masks") -> int:
+                             description: str = "checking images and masks") -> list[MaskValues]:
     """Check image/mask pairs: readable, same size, labels within [0, num_classes) or the ignore index.
 
-    returns: the number of classes the masks imply (largest label + 1, after ``reduce_zero_label``).
+    returns: the pixel count of each value stored in each mask, in the order of ``pairs``.
     raises: one DatasetError listing every problem, each naming its file; also when every mask holds
         only the ignore index.
     """
-    problems, largest = [], -1
+    problems, mask_values = [], []
     for image_path, mask_path in _progress(pairs, description):
-        found, labels = _pair_problems(image_path, mask_path, num_classes, ignore_index, reduce_zero_label)
+        found, values = _pair_problems(image_path, mask_path, num_classes, ignore_index, reduce_zero_label)
         problems += found
-        if labels.size:
-            largest = max(largest, int(labels.max()))
-    if not problems and pairs and largest < 0:
+        mask_values.append(values)
+    if not problems and pairs and not _label_pixels(mask_values, ignore_index, reduce_zero_label):
         folders = ", ".join(sorted({str(mask_path.parent) for _, mask_path in pairs}))
         problems.append(f"{folders}: every mask holds only the ignore index {ignore_index}, so there is no "
                         "class to learn or measure")
     _raise_problems(problems)
-    return largest + 1
+    return mask_values
+
+
+def implied_class_count(mask_values: Iterable[MaskValues], ignore_index: int, reduce_zero_label: bool) -> int:
+    """The number of classes the masks imply: their largest training label + 1."""
+    return max(_label_pixels(mask_values, ignore_index, reduce_zero_label), default=-1) + 1
+
+
+def _ignore_index_hint(holding: Sequence[str], ignore_index: int, num_classes: int) -> str:
+    """What to do when the ignore index, found in the masks ``holding``, may mark the objects (binary masks of 0 and
+    255); a plain pointer to the masks and class names when it cannot (no mask holds it, or it is a class label)."""
+    if not holding or ignore_index < num_classes:
+        return "Check the masks, and the class names (--data.classes or root/classes.txt)."
+    return (f"{ignore_index} is the ignore index, left out of training, and {len(holding)} mask(s) hold it "
+            f"({first_few(holding)}): if it marks your objects (binary masks of 0 and {ignore_index}, perhaps with "
+            f"anti-aliased edge values between), write the objects as 1 instead (numpy: "
+            f"(mask > {ignore_index // 2}).astype(np.uint8), which also sets the edge values to 0 or 1), "
+            "or set --data.ignore_index to a value the masks do not use.")
+
+
+def _ignore_index_marks_objects(mask_values: Sequence[MaskValues], labels: Counter, ignore_index: int,
+                                num_classes: int) -> bool:
+    """Whether the ignore index, above the class labels, covers more pixels than every label but 0 together:
+    binary masks of 0 and 255 (perhaps with anti-aliased edges), where 255 meant the object."""
+    ignored = sum(values.get(ignore_index, 0) for values in mask_values)
+    return ignore_index >= num_classes and ignored > sum(pixels for label, pixels in labels.items() if label != 0)
+
+
+def check_mask_classes(pairs: Sequence[tuple[Path, Path]], mask_values: Sequence[MaskValues],
+                       class_names: Sequence[str], ignore_index: int, reduce_zero_label: bool,
+                       mask_folder: Path) -> None:
+    """Every class should occur in the training masks (``mask_values``, as :func:`check_segmentation_pairs` gives).
+
+    A warning names the classes that never occur (but the one whose label is the ignore index, if any). It is an
+    error when fewer than two classes occur, or when the ignore index seems to mark the objects
+    (:func:`_ignore_index_marks_objects`): the message then says how to rewrite the masks.
+    """
+    labels = _label_pixels(mask_values, ignore_index, reduce_zero_label)
+    present = [name for label, name in enumerate(class_names) if labels[label]]
+    absent = [name for label, name in enumerate(class_names) if not labels[label] and label != ignore_index]
+    if len(present) >= 2 and not absent:
+        return
+    if len(present) < 2:
+        problem = f"the training masks hold a single class ({first_few(present)}), and segmentation needs at least two"
+    else:
+        problem = (f"{len(absent)} of the {len(class_names)} classes never occur in the training masks "
+                   f"({first_few(absent)})")
+    if len(present) < 2 or _ignore_index_marks_objects(mask_values, labels, ignore_index, len(class_names)):
+        holding = [str(mask_path.relative_to(mask_folder)) for (_, mask_path), values in zip(pairs, mask_values)
+                   if ignore_index in values]
+        raise DatasetError(f"{mask_folder}: {problem}. {_ignore_index_hint(holding, ignore_index, len(class_names))}")
+    rank_zero_warn(f"{mask_folder}: {problem}, so the model cannot learn them; check the masks, and the class names "
+                   "(--data.classes or root/classes.txt)")

@@ -3,10 +3,11 @@
 Layouts (``layout``):
     "folders": ``root/{train,val}/images/*`` and ``root/{train,val}/masks/*.png``
     "ade20k":  ``root/images/{training,validation}/*.jpg`` and ``root/annotations/{training,validation}/*.png``
+The image folders may hold sub-folders (Cityscapes' cities): ``images/<sub>/x.jpg`` pairs with ``masks/<sub>/x.png``.
 Masks hold class indices (single-channel or palette PNG, or another lossless format; never JPEG); 255 is
 ignored. Class names come from ``classes``, else ``root/classes.txt`` (one per line, in label order; with
 ``reduce_zero_label`` its first line, the name of label 0, is dropped), else ``class_0 ...`` up to the largest
-label. There must be at least two classes.
+label. At least two classes must occur in the training masks; a class that never occurs there gets a warning.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from .classification import UnlabelledImages, drop_last_batch, prediction_paths, world_size
-from .images import image_to_tensor, list_images, read_image, read_mask
-from .scan import DatasetError, check_segmentation_pairs, require_folder
+from .images import JPEG_SUFFIXES, folder_files, image_to_tensor, list_images, read_image, read_mask
+from .scan import (DatasetError, MaskValues, check_common_arguments, check_mask_classes, check_segmentation_pairs,
+                   implied_class_count, require_argument, require_folder, warn_unlisted)
 from .shapes import builtin_shapes
 from .transforms import SegmentationTransform, model_data_config
 
@@ -31,8 +33,6 @@ LAYOUTS = {
     "ade20k": {"train": ("images/training", "annotations/training"),
                "val": ("images/validation", "annotations/validation")},
 }
-#: mask file endings refused: lossy compression changes the class indices along every edge
-LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg")
 
 
 class SegmentationPairs(Dataset):
@@ -50,40 +50,49 @@ class SegmentationPairs(Dataset):
         return self.transform(read_image(image_path), read_mask(mask_path))
 
 
-def _by_stem(paths: Sequence[Path], folder: Path) -> dict[str, Path]:
-    """stem -> file; a DatasetError names the files that share a stem (pairing by stem would mix them up)."""
+def _name_key(path: Path, folder: Path) -> str:
+    """What pairs an image with its mask: the path below its folder without the file ending (``sub/x``)."""
+    return path.relative_to(folder).with_suffix("").as_posix()
+
+
+def _by_name(paths: Sequence[Path], folder: Path) -> dict[str, Path]:
+    """Name key -> file; a DatasetError names the files that share a key (pairing by name would mix them up)."""
     groups: dict[str, list[Path]] = {}
     for path in paths:
-        groups.setdefault(path.stem, []).append(path)
-    shared = [" and ".join(path.name for path in group) for group in groups.values() if len(group) > 1]
+        groups.setdefault(_name_key(path, folder), []).append(path)
+    shared = [" and ".join(str(path.relative_to(folder)) for path in group) for group in groups.values()
+              if len(group) > 1]
     if shared:
         raise DatasetError(f"{folder}: files differing only in extension cannot be paired by name: "
                            f"{'; '.join(shared)} (keep one file per name)")
-    return {stem: group[0] for stem, group in groups.items()}
+    return {key: group[0] for key, group in groups.items()}
 
 
 def pair_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
-    """Pair every image with the mask of the same stem.
+    """Pair every image with the mask of the same name in the same sub-folder (``images/a/x.jpg``, ``masks/a/x.png``).
 
-    raises: DatasetError naming an image without a mask, files sharing a stem, or a JPEG mask.
+    Files of the image folder that are not images by name are named in a warning.
+    raises: DatasetError naming an image without a mask, files sharing a name, or a JPEG mask.
     """
     require_folder(image_dir, "image folder")
     require_folder(mask_dir, "mask folder")
-    images = list_images(image_dir)
+    images, others = folder_files(image_dir, recursive=True)
     if not images:
         raise DatasetError(f"{image_dir}: no image files in it")
-    _by_stem(images, image_dir)
-    mask_files = list_images(mask_dir)
-    lossy = [path for path in mask_files if path.suffix.lower() in LOSSY_MASK_SUFFIXES]
+    warn_unlisted(others)
+    _by_name(images, image_dir)
+    mask_files = list_images(mask_dir, recursive=True)
+    lossy = [path for path in mask_files if path.suffix.lower() in JPEG_SUFFIXES]
     if lossy:
         raise DatasetError(f"{lossy[0]}: masks must be lossless (PNG, or BMP/TIFF): JPEG compression changes the "
                            f"class indices along edges ({len(lossy)} JPEG mask(s) in {mask_dir}; save them as PNG)")
-    masks = _by_stem(mask_files, mask_dir)
-    missing = [path for path in images if path.stem not in masks]
+    masks = _by_name(mask_files, mask_dir)
+    missing = [path for path in images if _name_key(path, image_dir) not in masks]
     if missing:
-        raise DatasetError(f"{missing[0]}: no mask with the same name in {mask_dir} "
+        expected = mask_dir / Path(_name_key(missing[0], image_dir)).parent
+        raise DatasetError(f"{missing[0]}: no mask with the same name in {expected} "
                            f"({len(missing)} image(s) without a mask)")
-    return [(path, masks[path.stem]) for path in images]
+    return [(path, masks[_name_key(path, image_dir)]) for path in images]
 
 
 class SegmentationFolderDataModule(LightningDataModule):
@@ -104,50 +113,54 @@ class SegmentationFolderDataModule(LightningDataModule):
         self.scale, self.hflip = tuple(scale), hflip
         self.batch_size, self.num_workers = batch_size, num_workers
         self.predict_root, self.scan = predict_root, scan
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout={layout!r} is not one of {sorted(LAYOUTS)}")
+        check_common_arguments(image_size, self.scale, hflip, batch_size, num_workers)
+        require_argument(layout in LAYOUTS, "layout", layout, f"must be one of {sorted(LAYOUTS)}")
         self.root = Path(root).expanduser()
         require_folder(self.root, "dataset root")
         self.data_config = model_data_config(model_name, image_size)
         self.train_pairs, self.val_pairs = (pair_by_stem(*(self.root / part for part in LAYOUTS[layout][split]))
                                             for split in ("train", "val"))
         self.train_mask_dir = self.root / LAYOUTS[layout]["train"][1]
-        # set when the class count is read from the training masks, which scans them
-        self._train_pairs_scanned = False
+        # the values of each training mask, once the scan has read them (the class count may need them here)
+        self._train_mask_values: Optional[list[MaskValues]] = None
         self.class_names = self._class_names(classes)
+        if self._train_mask_values is not None:
+            self._check_mask_classes()
         self.train_dataset = self.val_dataset = self.predict_dataset = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _class_names(self, given: Optional[list[str]]) -> list[str]:
+    def _names_file(self) -> Optional[list[str]]:
+        """The class names of ``root/classes.txt`` (a byte-order mark, as Notepad writes, is dropped); None without
+        the file."""
         names_file = self.root / "classes.txt"
-        if given:
-            names = list(given)
-        elif names_file.is_file():
-            names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-            if self.reduce_zero_label and names:
-                names = names[1:]
-        else:
-            # the largest training label sets the class count (every training mask is read once here)
-            count = check_segmentation_pairs(self.train_pairs, None, self.ignore_index, self.reduce_zero_label,
-                                             "counting classes in the training masks")
-            self._train_pairs_scanned = True
-            if count < 2:
-                raise DatasetError(
-                    f"{self.train_mask_dir}: the masks hold a single class (label 0; every other pixel is the ignore "
-                    f"index {self.ignore_index}), and segmentation needs at least two. {self.ignore_index} is the "
-                    f"ignore index: if it marks your objects (binary masks of 0 and {self.ignore_index}), write "
-                    f"them as 1 instead (e.g. numpy: mask // {self.ignore_index}), or set --data.ignore_index to a "
-                    "value the masks do not use; name the classes with --data.classes or root/classes.txt")
-            return [f"class_{index}" for index in range(count)]
+        if not names_file.is_file():
+            return None
+        names = [line.strip() for line in names_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not names:
             raise DatasetError(f"{names_file}: no class names in it")
+        return names[1:] if self.reduce_zero_label else names
+
+    def _class_names(self, given: Optional[list[str]]) -> list[str]:
+        """``given``, else those of classes.txt, else ``class_<i>`` up to the largest training label (the training
+        masks are then scanned here)."""
+        names = list(given) if given else self._names_file()
+        if names is None:
+            self._train_mask_values = check_segmentation_pairs(self.train_pairs, None, self.ignore_index,
+                                                               self.reduce_zero_label,
+                                                               "counting classes in the training masks")
+            count = implied_class_count(self._train_mask_values, self.ignore_index, self.reduce_zero_label)
+            return [f"class_{index}" for index in range(count)]
         if len(names) < 2:
             raise DatasetError(f"{self.root}: one class ({names[0]}); segmentation needs at least two "
                                "(e.g. background and your object)")
         return names
+
+    def _check_mask_classes(self) -> None:
+        check_mask_classes(self.train_pairs, self._train_mask_values, self.class_names, self.ignore_index,
+                           self.reduce_zero_label, self.train_mask_dir)
 
     def _transform(self, training: bool) -> SegmentationTransform:
         cfg = self.data_config
@@ -164,11 +177,19 @@ class SegmentationFolderDataModule(LightningDataModule):
             self.predict_dataset = UnlabelledImages(paths, partial(image_to_tensor, mean=cfg.mean, std=cfg.std))
             return
         if self.scan:
-            scan_train = stage == "fit" and not self._train_pairs_scanned
-            pairs = self.train_pairs + self.val_pairs if scan_train else self.val_pairs
-            check_segmentation_pairs(pairs, self.num_classes, self.ignore_index, self.reduce_zero_label)
+            self._scan(stage)
         self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True))
         self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False))
+
+    def _scan(self, stage: str) -> None:
+        """Check the pairs ``stage`` reads: for fit, the training ones too (unless read already), whose classes are
+        then checked against the class names."""
+        scan_train = stage == "fit" and self._train_mask_values is None
+        pairs = self.train_pairs + self.val_pairs if scan_train else self.val_pairs
+        mask_values = check_segmentation_pairs(pairs, self.num_classes, self.ignore_index, self.reduce_zero_label)
+        if scan_train:
+            self._train_mask_values = mask_values[:len(self.train_pairs)]
+            self._check_mask_classes()
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
         workers = self.num_workers

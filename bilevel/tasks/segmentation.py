@@ -133,10 +133,21 @@ class SemanticSegmenter(FineTuningTask):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """{"path": [str] x N, "mask": (N, H, W) int64 class map at the input resolution}.
 
-        raises: InputSizeError naming the image file(s) when the network cannot take them (too small).
+        An image with a side below the backbone's ``min_input_size`` is predicted padded (bottom/right, with the
+        mean colour, as the backbones pad to their window sizes), and its mask cropped back to the image.
+        raises: InputSizeError naming the image file(s) when the network cannot take them.
         """
+        images = batch["image"]
+        height, width = images.shape[-2:]
         try:
-            logits = self.infer(batch["image"])
+            logits = self.infer(self.pad_to_min_size(images))
         except InputSizeError as error:
             raise InputSizeError(f"{', '.join(batch['path'])}: {error}") from None
-        return {"path": list(batch["path"]), "mask": logits.argmax(dim=1)}
+        return {"path": list(batch["path"]), "mask": logits[..., :height, :width].argmax(dim=1)}
+
+    def pad_to_min_size(self, images: Tensor) -> Tensor:
+        """images (N, 3, H, W) zero-padded bottom/right (the mean colour, once normalised) to the backbone's
+        smallest input side; unchanged when they are that large."""
+        side = self.backbone.min_input_size
+        height, width = images.shape[-2:]
+        return F.pad(images, (0, max(side - width, 0), 0, max(side - height, 0)))

@@ -215,6 +215,9 @@ def test_segmentation_folders_give_joint_crops(tmp_path):
 
 def test_ade20k_layout_reduces_zero_label(tmp_path):
     root = _segmentation_tree(tmp_path, layout="ade20k", label=3)
+    labels = np.full((40, 40), 2, dtype=np.uint8)
+    labels[:10, :10], labels[20:] = 3, 1
+    _mask(root / "annotations" / "training" / "1.png", labels)
     (root / "classes.txt").write_text("other\nwall\nfloor\ntree\n")
     data = SegmentationFolderDataModule(str(root), layout="ade20k", reduce_zero_label=True, image_size=40,
                                         num_workers=0)
@@ -261,11 +264,36 @@ def test_segmentation_predict_scans_the_images_first(tmp_path):
         data.setup("predict")
 
 
-def test_binary_masks_of_0_and_255_say_that_255_is_ignored(tmp_path):
+def _antialiased(labels: np.ndarray) -> np.ndarray:
+    """0/255 labels with a few in-between values along the object's edges (a soft brush, a resize)."""
+    labels = labels.copy()
+    labels[:10, 10], labels[10, :10] = 128, 64
+    return labels
+
+
+@pytest.mark.parametrize("case", ["binary", "anti-aliased", "with classes.txt"])
+def test_binary_masks_of_0_and_255_say_that_255_is_ignored_and_how_to_rewrite_them(tmp_path, case):
     root = _segmentation_tree(tmp_path, label=255)
-    with pytest.raises(DatasetError, match=f"{root / 'train' / 'masks'}: the masks hold a single class") as raised:
-        SegmentationFolderDataModule(str(root))
-    assert "255 is the ignore index" in str(raised.value) and "write them as 1" in str(raised.value)
+    if case == "anti-aliased":
+        for mask in root.glob("*/masks/*.png"):
+            _mask(mask, _antialiased(np.asarray(Image.open(mask))))
+    if case == "with classes.txt":
+        (root / "classes.txt").write_text("background\nobject\n")
+    with pytest.raises(DatasetError, match=f"{root / 'train' / 'masks'}: (the training masks hold a single class|"
+                                           ".* never occur)") as raised:
+        SegmentationFolderDataModule(str(root), num_workers=0).setup("fit")
+    message = str(raised.value)
+    assert "255 is the ignore index" in message and "2 mask(s) hold it (0.png, 1.png)" in message
+    assert "write the objects as 1 instead (numpy: (mask > 127).astype(np.uint8)" in message
+
+
+def test_a_class_no_training_mask_holds_is_named_in_a_warning(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    (root / "classes.txt").write_text("background\nroad\ncar\nbus\n")
+    data = SegmentationFolderDataModule(str(root), num_workers=0)
+    with pytest.warns(UserWarning, match=f"{root / 'train' / 'masks'}: 2 of the 4 classes never occur in the training "
+                                         r"masks \(car, bus\), so the model cannot learn them"):
+        data.setup("fit")
 
 
 def test_masks_holding_only_the_ignore_index_are_named(tmp_path):
@@ -344,3 +372,122 @@ def test_builtin_dataset_is_deterministic_and_lives_in_the_cache(tmp_path, monke
     assert data.class_names == list(SEGMENTATION_CLASSES)
     train = sorted((root / "classification" / "train").rglob("*.png"))
     assert len(train) == 160 and len({p.parent.name for p in train}) == 4
+
+
+def test_truncated_images_of_other_formats_are_listed_before_training(tmp_path):
+    root = _class_tree(tmp_path)
+    cut = [root / "train" / "cat" / "scan.bmp", root / "val" / "dog" / "scan.tif"]
+    for path in cut:
+        _image(path, size=(64, 64))
+        path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(DatasetError, match="2 problems") as raised:
+        ImageFolderDataModule(str(root), num_workers=0).setup("fit")
+    assert all(f"{path}: cannot read this image" in str(raised.value) for path in cut)
+
+
+def test_images_of_any_extension_pillow_reads_are_used_and_other_files_named(tmp_path):
+    root = _class_tree(tmp_path)
+    for split in ("train", "val"):
+        for item in range(2):
+            _image(root / split / "fox" / f"{item}.jpg").rename(root / split / "fox" / f"{item}.jfif")
+    Image.new("RGB", (40, 40)).save(root / "train" / "cat" / "IMG_0001", format="PNG")
+    with pytest.warns(UserWarning, match=f"1 file\\(s\\) left out, as their names do not end like an image file's "
+                                         f".*: {root / 'train' / 'cat' / 'IMG_0001'}"):
+        data = ImageFolderDataModule(str(root), num_workers=0)
+    assert data.class_names == ["cat", "dog", "fox"] and [label for _, label in data.train_samples].count(2) == 2
+
+
+def test_files_left_out_of_the_prediction_folder_are_named(tmp_path):
+    new = tmp_path / "new"
+    _image(new / "a.png")
+    Image.new("RGB", (40, 40)).save(new / "b.jfif", format="JPEG")
+    (new / "c.svg").write_text("<svg/>")
+    data = ImageFolderDataModule(str(_class_tree(tmp_path / "data")), num_workers=0, predict_root=str(new))
+    with pytest.warns(UserWarning, match=f"1 file\\(s\\) left out, .*: {new / 'c.svg'}"):
+        data.setup("predict")
+    assert data.predict_dataset.paths == [new / "a.png", new / "b.jfif"]
+
+
+def test_linked_sub_folders_are_followed_and_images_outside_class_folders_named(tmp_path):
+    root = _class_tree(tmp_path / "pets")
+    more = [_image(tmp_path / "elsewhere" / f"{item}.png") for item in range(2)]
+    (root / "train" / "cat" / "more").symlink_to(tmp_path / "elsewhere")
+    stray = _image(root / "train" / "stray.png")
+    with pytest.warns(UserWarning, match=f"1 file\\(s\\) left out, as they lie in {root / 'train'} itself, outside "
+                                         f"the class folders; move them into their class folder: {stray}"):
+        data = ImageFolderDataModule(str(root), num_workers=0)
+    cats = [path for path, label in data.train_samples if label == 0]
+    assert len(cats) == 5 and [root / "train" / "cat" / "more" / path.name for path in more] == cats[-2:]
+
+
+def test_segmentation_images_in_sub_folders_pair_with_masks_in_the_same_sub_folders(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    for city in ("aachen", "bremen"):
+        _image(root / "train" / "images" / city / "0.png")
+        _mask(root / "train" / "masks" / city / "0.png", np.ones((40, 40)))
+    data = SegmentationFolderDataModule(str(root), num_workers=0)
+    pairs = {(str(image.relative_to(root)), str(mask.relative_to(root))) for image, mask in data.train_pairs}
+    assert ("train/images/aachen/0.png", "train/masks/aachen/0.png") in pairs and len(pairs) == 4
+    (root / "train" / "masks" / "bremen" / "0.png").unlink()
+    with pytest.raises(DatasetError, match=f"images/bremen/0.png: no mask with the same name in "
+                                           f"{root}/train/masks/bremen"):
+        SegmentationFolderDataModule(str(root), num_workers=0)
+
+
+def test_a_class_called_train_in_one_folder_of_classes_is_a_class(tmp_path):
+    root = _class_tree(tmp_path, classes=("bus", "car", "train"), per_class=5, splits=(".",))
+    data = ImageFolderDataModule(str(root), num_workers=0)
+    assert data.class_names == ["bus", "car", "train"] and len(data.val_samples) == 3
+
+
+def test_mask_drawn_on_the_stored_pixels_of_a_turned_photo_is_explained(tmp_path):
+    root = _segmentation_tree(tmp_path, size=(60, 40))
+    photo = Image.open(root / "train" / "images" / "0.jpg")
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(root / "train" / "images" / "0.jpg", exif=exif)
+    with pytest.raises(DatasetError, match=r"masks/0.png: mask size 60x40 differs from its image 0.jpg \(40x60\): "
+                                           r"0.jpg is stored as 60x40, but its EXIF orientation 6 displays it as "
+                                           r"40x60; masks must match the picture as displayed"):
+        SegmentationFolderDataModule(str(root), num_workers=0)
+
+
+def test_classes_txt_saved_with_a_byte_order_mark(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    (root / "classes.txt").write_bytes("background\r\nroad\r\n".encode("utf-8-sig"))
+    assert SegmentationFolderDataModule(str(root), num_workers=0).class_names == ["background", "road"]
+
+
+@pytest.mark.parametrize("module, arguments, message", [
+    (ImageFolderDataModule, dict(image_size=0), "image_size=0: must be a side of 1 pixel or more"),
+    (SegmentationFolderDataModule, dict(scale=(1.0, 0.5)), r"scale=\(1.0, 0.5\): must be \(smallest, largest\)"),
+    (SegmentationFolderDataModule, dict(batch_size=0), "batch_size=0: must be 1 or more"),
+    (ImageFolderDataModule, dict(hflip=2), r"hflip=2: must be a probability in \[0, 1\]"),
+    (ImageFolderDataModule, dict(auto_augment="randaug"), "auto_augment='randaug': not a timm augmentation policy"),
+    (SegmentationFolderDataModule, dict(layout="coco"), r"layout='coco': must be one of \['ade20k', 'folders'\]"),
+])
+def test_arguments_out_of_range_are_named_when_the_module_is_made(tmp_path, module, arguments, message):
+    root = _class_tree(tmp_path) if module is ImageFolderDataModule else _segmentation_tree(tmp_path)
+    with pytest.raises(DatasetError, match=message):
+        module(str(root), num_workers=0, **arguments)
+
+
+def test_one_folder_split_holds_out_each_class_in_proportion(tmp_path):
+    root = _class_tree(tmp_path, classes=("a", "b"), per_class=1, splits=(".",))
+    _class_tree(root, classes=("c",), per_class=10, splits=(".",))
+    data = ImageFolderDataModule(str(root), val_fraction=0.5, num_workers=0)
+    assert sorted(label for _, label in data.train_samples) == [0, 1] + [2] * 5
+    assert sorted(label for _, label in data.val_samples) == [2] * 5
+    small = ImageFolderDataModule(str(_class_tree(tmp_path / "small", per_class=2, splits=(".",))), num_workers=0)
+    assert len(small.val_samples) == 1 and sorted(label for _, label in small.train_samples) == [0, 1, 1]
+    tiny = _class_tree(tmp_path / "tiny", per_class=1, splits=(".",))
+    with pytest.raises(DatasetError, match=f"{tiny}: val_fraction=0.2 holds out no validation image"):
+        ImageFolderDataModule(str(tiny), num_workers=0)
+
+
+def test_class_folder_names_written_decomposed_match(tmp_path):
+    root = _class_tree(tmp_path, classes=("caf\u00e9", "dog"), splits=("train",))
+    _class_tree(root, classes=("cafe\u0301",), splits=("val",))
+    data = ImageFolderDataModule(str(root), num_workers=0)
+    assert data.class_names == ["caf\u00e9", "dog"]
+    assert {(path.parent.name, label) for path, label in data.val_samples} == {("cafe\u0301", 0)}

@@ -1,6 +1,8 @@
 """The one image reader: every pixel format becomes 8-bit RGB; unreadable files are named."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from PIL import Image
 
 from bilevel.data import (DatasetError, ImageReadError, check_image, image_to_tensor, list_images, load_image_tensor,
                           read_image, read_mask)
+from bilevel.data.images import folder_files
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "LA", "1"])
@@ -123,3 +126,51 @@ def test_listing_recurses_skips_hidden_and_names_broken_links(tmp_path):
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
     with pytest.raises(DatasetError, match=r"gone.png: broken symbolic link .*nowhere.png"):
         list_images(tmp_path)
+
+
+@pytest.mark.parametrize("image_format, name", [("BMP", "cut.bmp"), ("TIFF", "cut.tif"), ("GIF", "cut.gif"),
+                                                ("PPM", "cut.ppm"), ("MPO", "cut.jpg")])
+def test_truncated_file_of_any_format_is_caught_by_the_quick_check(tmp_path, image_format, name):
+    picture = Image.fromarray(np.random.RandomState(0).randint(0, 255, (80, 96, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    extra = dict(save_all=True, append_images=[picture]) if image_format == "MPO" else {}
+    picture.save(buffer, format=image_format, **extra)
+    path = tmp_path / name
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 3 // 10])
+    with pytest.raises(ImageReadError, match=f"{name}: cannot read this image"):
+        check_image(path)
+
+
+def test_every_file_pillow_reads_is_listed_and_the_others_are_returned(tmp_path):
+    for name, image_format in [("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.tga", "TGA"), ("d.ico", "ICO"),
+                               ("e.PNM", "PPM"), ("IMG_0001", "PNG")]:
+        Image.new("RGB", (16, 16)).save(tmp_path / name, format=image_format)
+    for name in ("notes.txt", "Thumbs.db", ".DS_Store"):
+        (tmp_path / name).write_text("not a picture")
+    files = folder_files(tmp_path)
+    assert [path.name for path in files.images] == ["a.jfif", "b.jpe", "c.tga", "d.ico", "e.PNM"]
+    assert [path.name for path in files.others] == ["IMG_0001", "notes.txt"]
+    assert all(read_image(path).size == (16, 16) for path in files.images)
+
+
+def test_nan_pixels_of_a_float_image_become_black_and_the_rest_keeps_its_range(tmp_path):
+    values = np.array([[np.nan, 0.0], [0.5, 1.0]], dtype=np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "nodata.tif")
+    assert np.asarray(read_image(tmp_path / "nodata.tif"))[..., 0].tolist() == [[0, 0], [128, 255]]
+
+
+def test_corrupt_exif_leaves_the_picture_as_stored_with_a_warning(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (60, 40)).save(path, exif=b"Exif\x00\x00" + b"\xff" * 40)
+    for read, size in ((check_image, lambda result: result), (read_image, lambda result: result.size)):
+        with pytest.warns(UserWarning, match=f"{path}: its EXIF metadata cannot be read .* used as stored"):
+            assert size(read(path)) == (60, 40)
+
+
+def test_links_to_folders_are_followed_once(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "elsewhere" / "x.png")
+    (tmp_path / "class").mkdir()
+    (tmp_path / "class" / "more").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "class")
+    assert list_images(tmp_path / "class", recursive=True) == [tmp_path / "class" / "more" / "x.png"]

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import lightning
 import numpy as np
+import pytest
 import torch
 
 import bilevel
+from bilevel import cli
 from bilevel.cli import main
 from bilevel.data import ShapesClassificationDataModule, read_image
-from bilevel.models.loading import read_checkpoint
+from bilevel.models.loading import CheckpointError, read_checkpoint
 
 from .conftest import CONFIGS, QUICK, column, read_metrics, run_bilevel
 
@@ -151,3 +153,50 @@ def test_predict_keeps_no_predictions_in_memory_unless_asked(tmp_path, monkeypat
     main(["predict", "--config", CONFIG, *QUICK])
     main(["predict", "--config", CONFIG, "--return_predictions", "true", *QUICK])
     assert asked == [False, True]
+
+
+def _lightning_checkpoint(path: Path, class_path: str, class_names: list[str]) -> Path:
+    """A checkpoint as `bilevel fit` writes it, as far as the checks before restoring read it (no weights)."""
+    torch.save({"pytorch-lightning_version": lightning.__version__, "state_dict": {},
+                "hyper_parameters": {"_class_path": class_path, "num_classes": len(class_names),
+                                     "class_names": class_names}}, path)
+    return path
+
+
+def test_a_checkpoint_of_another_task_or_class_count_is_refused_before_restoring(tmp_path, monkeypatch,
+                                                                                 bilevel_cache):
+    """Refused before Lightning takes the checkpoint's model class, or fails on its weights' shapes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BILEVEL_CACHE", str(bilevel_cache))
+    segmenter = _lightning_checkpoint(tmp_path / "seg.ckpt", "bilevel.tasks.SemanticSegmenter", ["sky", "road"])
+    with pytest.raises(CheckpointError, match=f"{segmenter} is a checkpoint of SemanticSegmenter with 2 classes "
+                                              "\\(sky, road\\), but this run's model is ImageClassifier"):
+        main(["predict", "--config", CONFIG, "--ckpt_path", str(segmenter), *QUICK])
+    three = _lightning_checkpoint(tmp_path / "three.ckpt", "bilevel.tasks.ImageClassifier", ["a", "b", "c"])
+    with pytest.raises(CheckpointError, match=f"{three} is a checkpoint of ImageClassifier with 3 classes "
+                                              "\\(a, b, c\\), but the data gives 4 classes "
+                                              "\\(circle, cross, square, triangle\\)"):
+        main(["predict", "--config", CONFIG, "--ckpt_path", str(three), *QUICK])
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        return read_image(self.path)
+
+
+def test_an_image_unreadable_in_a_loader_worker_is_one_line_of_error(tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "broken.bmp"
+    broken.write_bytes(b"BM" + bytes(100))
+    monkeypatch.setattr(cli, "main", lambda: next(iter(torch.utils.data.DataLoader(_Unreadable(broken),
+                                                                                   num_workers=1))))
+    with pytest.raises(SystemExit) as exited:
+        cli.console_main()
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.startswith(f"bilevel: error: {broken}: cannot read this image")
+    assert error.count("\n") == 1

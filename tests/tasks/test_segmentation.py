@@ -15,7 +15,6 @@ from torch import nn
 import bilevel
 from bilevel.cli import main
 from bilevel.data import SegmentationFolderDataModule
-from bilevel.models._pyramid import InputSizeError
 from bilevel.models.heads import HEADS, create_head
 from bilevel.tasks import PredictionWriter, SemanticSegmenter, sliding_window_logits
 from bilevel.tasks.optim import parameter_groups, parameter_plan, warmup_cosine
@@ -167,11 +166,13 @@ def test_mask_names_keep_folders_below_the_common_root():
                      "/p/new/x.jpg": Path("x.jpg.png"), "/p/new/x.png": Path("x.png.png")}
 
 
-def test_too_small_prediction_image_is_named(tmp_path):
+def test_small_prediction_images_are_padded_and_get_masks_of_their_size(tmp_path):
     _picture(tmp_path / "new" / "fine.png", (64, 64))
     _picture(tmp_path / "new" / "thumb.png", (20, 16))
-    with pytest.raises(InputSizeError, match=r"new/thumb.png: a 16x20 image is too small"):
-        _predict(tmp_path, tmp_path / "new", SemanticSegmenter(**{**SMALL, "num_classes": 2}).eval())
+    _picture(tmp_path / "new" / "wide.png", (90, 24))
+    masks = _predict(tmp_path, tmp_path / "new", SemanticSegmenter(**{**SMALL, "num_classes": 2}).eval())
+    assert {path.name: Image.open(path).size for path in masks.iterdir()} == {
+        "fine.png": (64, 64), "thumb.png": (20, 16), "wide.png": (90, 24)}
 
 
 def test_start_weights_skip_the_pruned_norm_and_classifier(tmp_path):
