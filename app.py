@@ -1,4 +1,4 @@
-"""The bilevel demo: upload an image, see the top-5 predictions (or the predicted mask) beside the routed regions.
+"""The bilevel demo: upload an image, see the top predictions (or the predicted mask) beside the routed regions.
 
     python app.py                                   # the embedded demo model on http://127.0.0.1:7860
     python app.py --model biformer_tiny --checkpoint biformer_tiny.pth --port 7861
@@ -9,6 +9,7 @@ Model loading and the cached forward pass live in :mod:`bilevel.serving`, the dr
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -18,8 +19,10 @@ import numpy as np
 from PIL import Image
 
 import bilevel
+from bilevel.controls import LenientNumber, LenientSlider
 from bilevel.data.images import list_images, read_image, read_mask
 from bilevel.data.shapes import SHAPE_CLASSES, builtin_shapes
+from bilevel.ops.recording import RoutingRecord
 from bilevel.serving import (EMBEDDED_MODEL, EMBEDDED_MODELS, Analysis, Predictor, ServedModel, ServingError,
                              fit_picture, load_served_model, read_upload)
 from bilevel.viz.images import SAMPLE_IMAGES, load_sample_image
@@ -32,6 +35,12 @@ DISPLAY_SIDE = 448
 DISPLAY_MIN_SIDE = 96
 #: uploads (images and checkpoints) larger than this are refused by the server
 MAX_FILE_SIZE = "400mb"
+#: the corner buttons of the result images: those that work offline (Gradio's "share" needs Hugging Face Spaces)
+OFFLINE_BUTTONS = ["download", "fullscreen"]
+#: what the status line says before anything is analysed
+START_MESSAGE = "Upload an image or pick an example."
+#: the query-point boxes step by 0.01 (arrows, keys), and clicks are rounded to it
+POINT_DECIMALS = 2
 
 
 def builtin_examples() -> dict[str, Callable[[], Image.Image]]:
@@ -83,6 +92,26 @@ def display_picture(picture: Image.Image) -> np.ndarray:
     return np.asarray(picture.resize(size, resample))
 
 
+def on_point_step(fraction: float) -> float:
+    """A query-point fraction rounded to the boxes' step, so that the box accepts what a click writes."""
+    return round(fraction, POINT_DECIMALS)
+
+
+#: names each file upload after its visible label for screen readers (Gradio names them all "Click to upload or
+#: drop files"), again whenever Gradio redraws one
+NAME_FILE_UPLOADS_JS = """() => {
+    const name = () => document.querySelectorAll("button.upload-container").forEach((button) => {
+        const label = button.closest(".block")?.querySelector("[data-testid=block-label]")?.textContent.trim();
+        if (label && button.getAttribute("aria-label") !== label) {
+            button.setAttribute("aria-label", label);
+            button.querySelector("input[type=file]")?.setAttribute("aria-label", label);
+        }
+    });
+    name();
+    new MutationObserver(name).observe(document.body, {childList: true, subtree: true});
+}"""
+
+
 #: what the interface says of a model served without a checkpoint
 RANDOM_WEIGHTS_NOTE = ("random weights (no checkpoint loaded): its predictions mean nothing, only the routing "
                        "machinery is worth a look")
@@ -96,62 +125,117 @@ def describe_model(served: ServedModel) -> str:
     return f"{text}. **{RANDOM_WEIGHTS_NOTE.capitalize()}.**" if served.random_weights else text
 
 
-def mask_picture(analysis: Analysis) -> np.ndarray:
-    """A segmenter's predicted mask over the picture, with a legend of the classes it found (share of pixels)."""
-    picture = display_picture(analysis.picture)
-    num_classes = len(analysis.class_names)
+def predictions_label(segmenter: bool, num_classes: int) -> str:
+    """The caption of the predictions: a classifier's top classes, or a segmenter's classes by share of pixels."""
+    if segmenter:
+        return "Classes in the predicted mask (share of the pixels)"
+    return f"Top-{min(5, num_classes)} predictions"
+
+
+def served_predictions_label(served: ServedModel) -> str:
+    return predictions_label(served.task == "segmentation", len(served.class_names))
+
+
+def mask_entries(analysis: Analysis) -> list[tuple[int, str]]:
+    """(class index, "name share%") of each class in a segmenter's mask, largest share first."""
     shares = analysis.probabilities.tolist()
-    present = sorted((index for index in range(num_classes) if shares[index] > 0), key=lambda i: -shares[i])
-    entries = [(index, f"{analysis.class_names[index]} {100 * shares[index]:.0f}%") for index in present]
-    return draw_mask_legend(overlay_mask(picture, analysis.mask.numpy(), num_classes=num_classes), entries,
-                            num_classes)
+    present = sorted((index for index, share in enumerate(shares) if share > 0), key=lambda i: -shares[i])
+    return [(index, f"{analysis.class_names[index]} {100 * shares[index]:.0f}%") for index in present]
+
+
+def mask_picture(analysis: Analysis, entries: list[tuple[int, str]]) -> np.ndarray:
+    """A segmenter's predicted mask over the picture, with a legend of ``entries`` (:func:`mask_entries`)."""
+    num_classes = len(analysis.class_names)
+    mask = overlay_mask(display_picture(analysis.picture), analysis.mask.numpy(), num_classes=num_classes)
+    return draw_mask_legend(mask, entries, num_classes)
 
 
 def prediction_outputs(analysis: Optional[Analysis]):
     """(predictions label, mask image) for an analysis: the mask is shown for segmentation models only."""
-    if analysis is None or analysis.mask is None:
-        return ({} if analysis is None else analysis.top(5)), gr.Image(value=None, visible=False)
-    return analysis.top(5), gr.Image(value=mask_picture(analysis), visible=True)
+    if analysis is None:
+        return gr.Label(value={}), gr.Image(value=None, visible=False)
+    label = gr.Label(value=analysis.top(5), label=predictions_label(analysis.mask is not None,
+                                                                    len(analysis.class_names)))
+    if analysis.mask is None:
+        return label, gr.Image(value=None, visible=False)
+    entries = mask_entries(analysis)
+    alt_text = ("Predicted mask over the picture in grey, classes by share of the pixels: "
+                + ", ".join(text for _, text in entries) + ".")
+    return label, gr.Image(value=mask_picture(analysis, entries), visible=True, alt_text=alt_text)
 
 
 def no_analysis(message: str) -> tuple:
     """What the analysis outputs show when there is nothing analysed: empty views and ``message``."""
-    return None, *prediction_outputs(None), None, None, message, gr.Slider(), gr.Slider()
+    return None, *prediction_outputs(None), gr.Number(), gr.Number(), None, None, message, gr.Slider(), gr.Slider()
 
 
-def routing_outputs(analysis: Optional[Analysis], stage: int, block: int, point_x: Optional[float],
+def nearest(values: list[float], value: float) -> float:
+    """The one of ``values`` closest to ``value`` (the smaller on a tie)."""
+    return min(values, key=lambda candidate: (abs(candidate - value), candidate))
+
+
+def corrected(component: type, asked: Optional[float], drawn: float, **update):
+    """An update of a control holding ``asked``: ``update``, and the value ``drawn`` where it differs. A value
+    the user is still changing is not written back, as that would undo their next key presses."""
+    if asked is not None and drawn != asked:
+        update["value"] = drawn
+    return component(**update)
+
+
+def choice_slider(values: list[int], asked: float, drawn: int) -> gr.Slider:
+    """An update of a slider to range over the sorted ``values`` (fixed when there is one) and show ``drawn``."""
+    return corrected(gr.Slider, asked, drawn, minimum=values[0], maximum=max(values[-1], values[0] + 1),
+                     interactive=len(values) > 1)
+
+
+def routing_outputs(analysis: Optional[Analysis], stage: float, block: float, point_x: Optional[float],
                     point_y: Optional[float]):
-    """(routes image, heat image, message, block slider) for the query point (fractions of the image size;
-    an emptied box counts as the centre, 0.5)."""
+    """(query point x, y, routes image, heat image, message, stage slider, block slider) of the query point
+    (fractions of the image size; an emptied box counts as the centre, 0.5) on layer ``block`` of ``stage``.
+
+    Values out of range are moved to the nearest the model has (points into [0, 1]), and their controls show it.
+    """
     if analysis is None:
-        return None, None, "Upload an image or pick an example first.", gr.Slider()
+        return (gr.Number(), gr.Number(), None, None, "Upload an image or pick an example first.", gr.Slider(),
+                gr.Slider())
     layers = routing_layers(analysis.records)
     if not layers:
-        return None, None, "This model records no routing.", gr.Slider()
-    stage = int(stage)
-    if stage not in {s for s, _ in layers}:
-        stage = min(s for s, _ in layers)
-    blocks = sorted(b for s, b in layers if s == stage)
-    block = min(max(int(block), blocks[0]), blocks[-1])
-    record = layers[stage, block]
-    picture = display_picture(analysis.picture)
-    point = tuple(0.5 if value is None else min(max(float(value), 0.0), 1.0) for value in (point_x, point_y))
-    block_slider = gr.Slider(minimum=blocks[0], maximum=max(blocks[-1], blocks[0] + 1), value=block,
-                             interactive=len(blocks) > 1)
+        return gr.Number(), gr.Number(), None, None, "This model records no routing.", gr.Slider(), gr.Slider()
+    stages = sorted({s for s, _ in layers})
+    drawn_stage = nearest(stages, stage)
+    blocks = sorted(b for s, b in layers if s == drawn_stage)
+    drawn_block = nearest(blocks, block)
+    record = layers[drawn_stage, drawn_block]
+    point = tuple(0.5 if value is None else min(max(value, 0.0), 1.0) for value in (point_x, point_y))
+    controls = (corrected(gr.Number, point_x, point[0]), corrected(gr.Number, point_y, point[1]))
+    sliders = (choice_slider(stages, stage, drawn_stage), choice_slider(blocks, block, drawn_block))
+    layer = f"Stage {drawn_stage}, layer {drawn_block} ({record.module}"
+    return *controls, *layer_view(display_picture(analysis.picture), record, point, layer), *sliders
+
+
+def layer_view(picture: np.ndarray, record: RoutingRecord, point: tuple[float, float], layer: str):
+    """(routes image, heat image, message) of one layer's ``record`` at the query point; ``layer`` names it in the
+    message. CrossFormer's LSDA layers route nothing: their view is the group of the token under the point."""
     if record.kind == "lsda":
-        grouped = draw_lsda_group(picture, record, point)
-        message = (f"Stage {stage}, layer {block} ({record.module}): {record.extras['mode'].upper()} group of the "
-                   "clicked token (CrossFormer routes nothing: it attends within groups).")
-        return grouped, None, message, block_slider
+        mode = record.extras["mode"].upper()
+        grouped = gr.Image(value=draw_lsda_group(picture, record, point), alt_text=(
+            f"The {mode} group of the token at the query point, tinted yellow over the picture; the token in blue."))
+        return grouped, None, f"{layer}): {mode} group of the clicked token (CrossFormer routes nothing: it attends " \
+                              "within groups)."
     region = region_at(point, record)
     routes, heat = draw_routing(picture, record, region)
     routed = ", ".join(str(int(r)) for r in record.indices[0, region].tolist())
-    rows, cols = record.region_grid
-    message = (f"Stage {stage}, layer {block} ({record.module}, {record.kind}): query region {region} of the "
-               f"{rows}x{cols} grid routes to regions {routed} (numbered best first).")
+    grid = "x".join(str(side) for side in record.region_grid)
+    message = (f"{layer}, {record.kind}): query region {region} of the {grid} grid routes to regions {routed} "
+               "(numbered best first).")
     if record.kind == "dbra":
         message += " Dots: its deformed sampling points."
-    return routes, heat, message, block_slider
+    routes = gr.Image(value=routes, alt_text=(f"Routed regions over the picture: query region {region} of the {grid} "
+                                              f"grid in blue, the regions it routes to ({routed}, best first) in "
+                                              "yellow."))
+    heat = gr.Image(value=heat, alt_text=f"Region affinity of query region {region} to every region of the {grid} "
+                                         "grid, as a heat map over the picture (bright: high).")
+    return routes, heat, message
 
 
 def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
@@ -170,15 +254,10 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         except ServingError as error:
             gr.Warning(str(error))
             return no_analysis(f"**Could not analyse the image:** {error}")
-        layers = routing_layers(analysis.records)
-        stages = sorted({s for s, _ in layers}) or [0]
-        stage = int(stage) if int(stage) in stages else stages[0]
-        stage_slider = gr.Slider(minimum=stages[0], maximum=max(stages[-1], stages[0] + 1), value=stage,
-                                 interactive=len(stages) > 1)
-        routes, heat, message, block_slider = routing_outputs(analysis, stage, block, x, y)
+        *view, message, stage_slider, block_slider = routing_outputs(analysis, stage, block, x, y)
         if shelf.get(model_key).random_weights:
             message += f" The model has {RANDOM_WEIGHTS_NOTE}."
-        return analysis, *prediction_outputs(analysis), routes, heat, message, stage_slider, block_slider
+        return analysis, *prediction_outputs(analysis), *view, message, stage_slider, block_slider
 
     def analyse_upload(path, model_key, stage, block, x, y):
         try:
@@ -195,10 +274,10 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
 
     def clicked(analysis, stage, block, evt: gr.SelectData):
         if analysis is None or evt.index is None:
-            return gr.Number(), gr.Number(), *routing_outputs(analysis, stage, block, 0.5, 0.5)
+            return routing_outputs(analysis, stage, block, 0.5, 0.5)
         height, width = display_picture(analysis.picture).shape[:2]
-        x, y = (evt.index[0] + 0.5) / width, (evt.index[1] + 0.5) / height
-        return x, y, *routing_outputs(analysis, stage, block, x, y)
+        x, y = (on_point_step((index + 0.5) / side) for index, side in zip(evt.index, (width, height)))
+        return x, y, *routing_outputs(analysis, stage, block, x, y)[2:]
 
     def load_model(choice, checkpoint_path, current_key, analysis, stage, block, x, y):
         try:
@@ -206,18 +285,18 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             key = shelf.default.key if served.key == shelf.default.key else shelf.add(served)
         except ServingError as error:
             gr.Warning(str(error))
-            return (current_key, gr.Markdown(), analysis, gr.Label(), gr.Image(), gr.Image(), gr.Image(),
-                    f"**Could not load the model:** {error} (still serving the previous model)", gr.Slider(),
-                    gr.Slider())
-        picture = analysis.picture if analysis is not None else None
-        outputs = (analysed(picture, key, stage, block, x, y) if picture is not None
-                   else no_analysis("Model loaded: upload an image or pick an example."))
-        return (key, describe_model(shelf.get(key)), *outputs)
+            return (current_key, gr.Markdown(), analysis, gr.Label(), gr.Image(), gr.Number(), gr.Number(),
+                    gr.Image(), gr.Image(), f"**Could not load the model:** {error} (still serving the previous model)",
+                    gr.Slider(), gr.Slider())
+        if analysis is not None:
+            return key, describe_model(served), *analysed(analysis.picture, key, stage, block, x, y)
+        _, _, *outputs = no_analysis("Model loaded: upload an image or pick an example.")
+        return key, describe_model(served), None, gr.Label(value={}, label=served_predictions_label(served)), *outputs
 
     # analytics off: the demo runs offline and reports nothing to Gradio's servers
     with gr.Blocks(title="bilevel: bi-level routing attention", analytics_enabled=False) as demo:
-        gr.Markdown("# Bi-level routing attention, live\nUpload an image or pick an example: the model's top-5 "
-                    "classes (a segmentation model: its predicted mask), and for the region you click, the regions "
+        gr.Markdown("# Bi-level routing attention, live\nUpload an image or pick an example: the model's top "
+                    "classes, up to five (a segmentation model: its predicted mask), and for the region you click, the regions "
                     "its attention was routed to. Other models: the *Model* panel.")
         model_key = gr.State(default.key)
         analysis = gr.State(None)
@@ -225,9 +304,9 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             with gr.Column(scale=1):
                 upload = gr.File(label="Upload an image", file_types=["image"], type="filepath")
                 example = gr.Dropdown(list(examples), value=None, label="or pick an example")
-                predictions = gr.Label(num_top_classes=5, label="Top-5 predictions (segmentation: share of the pixels)")
+                predictions = gr.Label(num_top_classes=5, label=served_predictions_label(default))
                 mask_view = gr.Image(label="Predicted mask", type="numpy", interactive=False, format="png",
-                                     visible=False, elem_id="mask")
+                                     visible=False, elem_id="mask", buttons=OFFLINE_BUTTONS)
                 with gr.Accordion("Model", open=False, elem_id="model-panel"):
                     choice = gr.Dropdown(model_choices, value=default_choice, label="Model", elem_id="model-choice")
                     checkpoint = gr.File(label="Checkpoint (official .pth or bilevel fit .ckpt)",
@@ -235,10 +314,10 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
                     load = gr.Button("Load model")
                     model_info = gr.Markdown(describe_model(default))
             with gr.Column(scale=2):
-                status = gr.Markdown("Upload an image or pick an example.")
+                status = gr.Markdown(START_MESSAGE)
                 with gr.Row():
-                    stage = gr.Slider(0, 3, value=0, step=1, label="Stage")
-                    block = gr.Slider(0, 1, value=0, step=1, label="Block (attention layer of the stage)")
+                    stage = LenientSlider(0, 3, value=0, step=1, label="Stage")
+                    block = LenientSlider(0, 1, value=0, step=1, label="Block (attention layer of the stage)")
                 with gr.Row():
                     with gr.Column():
                         gr.Markdown("**Routed regions** (blue: query region; yellow: its top-k, ranked). "
@@ -249,45 +328,67 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
                     with gr.Column():
                         gr.Markdown("**Region affinity** of the query region to every region (bright: high).")
                         heat = gr.Image(label="Region affinity", show_label=False, type="numpy", interactive=False,
-                                        format="png", elem_id="heat")
+                                        format="png", elem_id="heat", buttons=OFFLINE_BUTTONS)
                 with gr.Row():
-                    point_x = gr.Number(0.5, label="Query point x (fraction of the width)", minimum=0, maximum=1,
-                                        step=0.05)
-                    point_y = gr.Number(0.5, label="Query point y (fraction of the height)", minimum=0, maximum=1,
-                                        step=0.05)
+                    point_x = LenientNumber(0.5, label="Query point x (fraction of the width)", minimum=0,
+                                                maximum=1, step=10 ** -POINT_DECIMALS)
+                    point_y = LenientNumber(0.5, label="Query point y (fraction of the height)", minimum=0,
+                                                maximum=1, step=10 ** -POINT_DECIMALS)
 
-        analysis_outputs = [analysis, predictions, mask_view, routes, heat, status, stage, block]
+        view_outputs = [point_x, point_y, routes, heat, status, stage, block]
+        analysis_outputs = [analysis, predictions, mask_view] + view_outputs
         view = [analysis, stage, block, point_x, point_y]
         # the latest upload, example or click wins: one made while another is computing is not dropped
         upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y], analysis_outputs,
                       api_name="analyse_upload", trigger_mode="always_last")
         upload.upload(lambda: gr.Dropdown(value=None), None, example, api_visibility="private")
+        upload.clear(lambda: no_analysis(START_MESSAGE), None, analysis_outputs, api_visibility="private")
         example.input(analyse_example, [example, model_key, stage, block, point_x, point_y], analysis_outputs,
                       api_name="analyse_example", trigger_mode="always_last")
         example.input(lambda: None, None, upload, api_visibility="private")
-        routes.select(clicked, [analysis, stage, block], [point_x, point_y, routes, heat, status, block],
-                      api_visibility="private", trigger_mode="always_last")
-        for control in (stage, block):
-            control.release(routing_outputs, view, [routes, heat, status, block], api_visibility="private",
-                            trigger_mode="always_last")
-        for control in (point_x, point_y):
-            control.submit(routing_outputs, view, [routes, heat, status, block], api_visibility="private",
-                           trigger_mode="always_last")
-        gr.Button("Redraw", size="sm").click(routing_outputs, view, [routes, heat, status, block], api_name="route")
+        routes.select(clicked, [analysis, stage, block], view_outputs, api_visibility="private",
+                      trigger_mode="always_last")
+        # input: changes the user makes (mouse, keys, spin arrows, typing), not those the app writes back
+        for control in (stage, block, point_x, point_y):
+            control.input(routing_outputs, view, view_outputs, api_visibility="private", trigger_mode="always_last")
+        gr.Button("Redraw", size="sm").click(routing_outputs, view, view_outputs, api_name="route")
+        demo.load(None, js=NAME_FILE_UPLOADS_JS, api_visibility="private")
         load.click(load_model, [choice, checkpoint, model_key, analysis, stage, block, point_x, point_y],
                    [model_key, model_info] + analysis_outputs, api_name="load_model")
     return demo
 
 
+def whole_number(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: a whole number, at least ``low`` (and at most ``high``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}" if high is None
+                                             else f"{value} is not in {low}-{high}")
+        return value
+    return parse
+
+
 def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="app.py", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--port", type=whole_number(1, 65535), default=7860, help="port, 1-65535 (default 7860)")
     parser.add_argument("--model", default=None,
                         help="registered variant or embedded model name (default: the embedded demo classifier)")
     parser.add_argument("--checkpoint", default=None, help="official .pth or bilevel fit .ckpt for --model")
-    parser.add_argument("--concurrency", type=int, default=2, help="requests computed at once (default 2)")
+    parser.add_argument("--concurrency", type=whole_number(1), default=2,
+                        help="requests computed at once, at least 1 (default 2)")
     return parser.parse_args(args)
+
+
+def port_taken_message(host: str, port: int) -> str:
+    """The one line app.py ends with when it cannot serve on ``port``."""
+    other = port + 1 if port < 65535 else port - 1
+    return (f"app.py: port {port} on {host} is in use (or {host} is not an address of this machine): choose another "
+            f'with --port (make demo DEMO_ARGS="--port {other}")')
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -298,7 +399,11 @@ def main(args: Optional[list[str]] = None) -> None:
         raise SystemExit(f"app.py: {error}") from None
     demo = build_demo(default, default_choice=options.model or EMBEDDED_MODEL)
     demo.queue(default_concurrency_limit=options.concurrency, max_size=64)
-    demo.launch(server_name=options.host, server_port=options.port, max_file_size=MAX_FILE_SIZE, show_error=True)
+    try:
+        demo.launch(server_name=options.host, server_port=options.port, max_file_size=MAX_FILE_SIZE, show_error=True)
+    except OSError:     # Gradio's answer to a port it cannot bind
+        print(port_taken_message(options.host, options.port), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -92,20 +93,37 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path} holds Python objects that a weights-only load refuses ({_first_line(error)}); "
+            f"{path} holds Python objects that a weights-only load refuses ({_torch_reason(error)}); "
             "bilevel loads weights only: save the state dict (torch.save(model.state_dict(), path))"
         ) from None
     except Exception as error:  # the unpickler fails in many ways on damaged files
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: "
-                              f"{_first_line(error)})") from None
+                              f"{_torch_reason(error)})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     return dict(obj)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+#: terminal escape codes (torch's messages embolden words with them)
+_TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: where torch's weights-only refusal gives its reason, after advice about weights_only=False
+_UNPICKLER_REASON = "WeightsUnpickler error:"
+#: the longest reason quoted from torch
+_REASON_LENGTH = 200
+
+
+def _torch_reason(error: BaseException) -> str:
+    """torch's reason for ``error`` as a message quotes it: without escape codes or advice, its first sentence,
+    shortened at a word (with "...") when it is long."""
+    text = _TERMINAL_ESCAPE.sub("", str(error))
+    text = text.split(_UNPICKLER_REASON, 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    sentence = re.split(r"(?<=[.!?])\s", lines[0], maxsplit=1)[0].rstrip(".")
+    if len(sentence) <= _REASON_LENGTH:
+        return sentence
+    return sentence[:_REASON_LENGTH].rsplit(" ", 1)[0].rstrip(",;:") + "..."
 
 
 #: where a checkpoint dictionary keeps the weights, by preference: official files and ``bilevel fit`` checkpoints,

@@ -20,6 +20,7 @@ HEAT_IMAGE = "#heat img"
 MASK_IMAGE = "#mask img"
 CHANGED = "([selector, old]) => document.querySelector(selector)?.src !== old"
 LOADED = "selector => document.querySelector(selector)?.complete"
+VALID_NUMBERS = "() => [...document.querySelectorAll('input[type=number]')].every(box => box.validity.valid)"
 
 
 def fetched_pixels(page, url: str) -> np.ndarray:
@@ -69,6 +70,37 @@ def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp
     assert (tmp_path / "app.png").stat().st_size > 10_000
 
 
+def test_keys_redraw_the_view_values_out_of_range_are_clamped_and_clearing_resets(launched_app, shape_pictures):
+    """Arrow keys on the Stage slider and the query-point box redraw (with no new forward pass); a value typed
+    out of range is clamped, not refused with "Error"; a click writes values the boxes accept; Clear resets."""
+    url, predictor = launched_app
+    with opened_app(url, height=1000) as page:
+        page.locator("input[type=file]").first.set_input_files(str(shape_pictures["triangle"]))
+        page.get_by_text("query region 36 of the 8x8 grid").wait_for(timeout=60_000)
+        passes = predictor.forward_passes
+        assert "query region 36 of the 8x8 grid in blue" in page.locator(ROUTES_IMAGE).get_attribute("alt")
+        page.get_by_role("slider", name="range slider for Stage").press("ArrowRight")
+        page.get_by_text("Stage 1, layer 0").wait_for(timeout=30_000)
+        box = page.locator(ROUTES_IMAGE).bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.85)
+        page.get_by_text("query region 55 of the 8x8 grid").wait_for(timeout=30_000)
+        point_x = page.get_by_label("Query point x (fraction of the width)")
+        assert point_x.input_value() == "0.9" and page.evaluate(VALID_NUMBERS), "a click writes 0.01 steps"
+        for _ in range(10):
+            point_x.press("ArrowDown")
+        page.get_by_text("query region 54 of the 8x8 grid").wait_for(timeout=30_000)
+        point_x.fill("1.5")
+        point_x.press("Enter")
+        page.get_by_text("query region 55 of the 8x8 grid").wait_for(timeout=30_000)
+        page.wait_for_function("() => document.querySelector('input[type=number][step=\"0.01\"]').value === '1'")
+        assert page.get_by_text("Error", exact=True).count() == 0 and page.locator(HEAT_IMAGE).count() == 1
+        assert predictor.forward_passes == passes, "redrawing must not run the network again"
+        page.get_by_role("button", name="Clear").first.click()
+        page.get_by_text("Upload an image or pick an example.", exact=True).wait_for(timeout=30_000)
+        assert page.locator(ROUTES_IMAGE).count() == 0 and page.locator(HEAT_IMAGE).count() == 0
+        assert page.get_by_text("triangle", exact=True).count() == 0, "the predictions are gone"
+
+
 def test_choosing_the_segmentation_model_shows_the_mask_with_a_legend(launched_app, shape_pictures, tmp_path):
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
@@ -88,9 +120,14 @@ def test_choosing_the_segmentation_model_shows_the_mask_with_a_legend(launched_a
         page.get_by_role("option", name=EMBEDDED_SEGMENTATION_MODEL).click()
         page.get_by_role("button", name="Load model").click()
         page.get_by_text("segmentation: 5 classes").wait_for(timeout=60_000)
+        for name in ("Upload an image", "Checkpoint (official .pth or bilevel fit .ckpt)"):
+            assert page.get_by_role("button", name=name, exact=True).count() == 1, f"no file upload named {name!r}"
         page.locator("input[type=file]").first.set_input_files(str(shape_pictures["cross"]))
         page.wait_for_selector(MASK_IMAGE, timeout=60_000)
         page.wait_for_function(LOADED, arg=MASK_IMAGE)
         page.screenshot(path=str(tmp_path / "segmentation.png"), full_page=True)
         mask = fetched_pixels(page, page.locator(MASK_IMAGE).get_attribute("src"))
+        alt = page.locator(MASK_IMAGE).get_attribute("alt")
+        page.get_by_text("Classes in the predicted mask (share of the pixels)").wait_for()
     assert mask.shape[1] == 448 and mask.shape[0] > 448, "the mask picture ends in a legend strip"
+    assert alt.startswith("Predicted mask") and "background" in alt and "cross" in alt

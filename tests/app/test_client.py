@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,20 +18,25 @@ def client(launched_app):
     return Client(launched_app[0], verbose=False)
 
 
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+def value(output):
+    """An output's value: the value of a component update (a dict), else the output itself."""
+    return output.get("value") if isinstance(output, dict) and "__type__" in output else output
+
+
+def pixels(output) -> np.ndarray:
+    return np.asarray(Image.open(value(output)).convert("RGB"))
 
 
 def test_upload_returns_predictions_and_overlays_and_a_redraw_reuses_the_pass(client, launched_app, shape_pictures):
     predictor = launched_app[1]
-    labels, mask, routes, heat, message, _, _ = client.predict(handle_file(str(shape_pictures["square"])), 0, 0,
-                                                               0.5, 0.5, api_name="/analyse_upload")
-    assert labels["label"] == "square" and len(labels["confidences"]) == 4
+    labels, mask, _, _, routes, heat, message, _, _ = client.predict(
+        handle_file(str(shape_pictures["square"])), 0, 0, 0.5, 0.5, api_name="/analyse_upload")
+    assert value(labels)["label"] == "square" and len(value(labels)["confidences"]) == 4
     assert mask["visible"] is False, "a classifier shows no mask"
     assert pixels(routes).shape == pixels(heat).shape and pixels(routes).shape[1] == 448
     assert "query region 36 of the 8x8 grid" in message
     passes = predictor.forward_passes
-    other_routes, other_heat, other_message, _ = client.predict(1, 0, 0.05, 0.05, api_name="/route")
+    _, _, other_routes, other_heat, other_message, _, _ = client.predict(1, 0, 0.05, 0.05, api_name="/route")
     assert "Stage 1, layer 0 (stages.1.0.attn, bra)" in other_message and "query region 0 " in other_message
     assert not np.array_equal(pixels(other_routes), pixels(routes))
     assert not np.array_equal(pixels(other_heat), pixels(heat))
@@ -39,17 +45,53 @@ def test_upload_returns_predictions_and_overlays_and_a_redraw_reuses_the_pass(cl
 
 def test_an_emptied_query_box_counts_as_the_centre(client, shape_pictures):
     client.predict(handle_file(str(shape_pictures["square"])), 0, 0, 0.5, 0.5, api_name="/analyse_upload")
-    *_, centre, _ = client.predict(0, 0, 0.5, 0.5, api_name="/route")
-    *_, emptied, _ = client.predict(0, 0, None, None, api_name="/route")
+    *_, centre, _, _ = client.predict(0, 0, 0.5, 0.5, api_name="/route")
+    *_, emptied, _, _ = client.predict(0, 0, None, None, api_name="/route")
     assert emptied == centre and "query region 36 " in emptied
+
+
+def test_values_out_of_range_are_drawn_clamped_and_shown_so(client, shape_pictures):
+    """Where Gradio would refuse them with an "Error" (and blank the views), the controls get the values drawn."""
+    client.predict(handle_file(str(shape_pictures["square"])), 0, 0, 0.5, 0.5, api_name="/analyse_upload")
+    x, y, routes, heat, message, stage, block = client.predict(9, -3, 1.5, -1, api_name="/route")
+    assert (value(x), value(y), value(stage), value(block)) == (1, 0, 1, 0)
+    assert message.startswith("Stage 1, layer 0 ") and "query region 7 of the 8x8 grid" in message
+    assert pixels(routes).shape == pixels(heat).shape
+    x, y, *_, message, stage, block = client.predict(-3, 0, 0.25, 0.75, api_name="/route")
+    assert value(stage) == 0 and message.startswith("Stage 0, layer 0 ")
+    assert "value" not in x and "value" not in y and "value" not in block, "values in range are not written back"
+
+
+def test_a_layer_the_stage_lacks_is_moved_into_it_and_shown(launched_app, shape_pictures):
+    """biformer_tiny (random weights) has 8 attention layers in stage 2 but 2 in stage 0; CrossFormer's LSDA layers
+    show the group of the token under the query point."""
+    user = Client(launched_app[0], verbose=False)
+    user.predict(handle_file(str(shape_pictures["square"])), 2, 7, 0.5, 0.5, api_name="/analyse_upload")
+    *_, message, stage, block = user.predict("biformer_tiny", None, 2, 7, 0.5, 0.5, api_name="/load_model")
+    assert message.startswith("Stage 2, layer 7 ") and block["maximum"] == 7 and "value" not in block
+    *_, message, stage, block = user.predict(0, 7, 0.5, 0.5, api_name="/route")
+    assert message.startswith("Stage 0, layer 1 ") and (block["maximum"], value(block)) == (1, 1)
+    assert "value" not in stage
+    *_, routes, heat, message, _, _ = user.predict("crossformer_tiny", None, 0, 0, 0.5, 0.5, api_name="/load_model")
+    assert "SDA group of the clicked token" in message and heat is None
+    assert routes["alt_text"].startswith("The SDA group of the token at the query point")
+
+
+def test_result_images_describe_what_they_show(client, shape_pictures):
+    *_, routes, heat, message, _, _ = client.predict(handle_file(str(shape_pictures["square"])), 0, 0, 0.3, 0.8,
+                                                     api_name="/analyse_upload")
+    region, routed = re.search(r"query region (\d+) of the 8x8 grid routes to regions ([\d, ]+) ", message).groups()
+    assert f"query region {region} of the 8x8 grid in blue" in routes["alt_text"]
+    assert f"({routed}, best first)" in routes["alt_text"]
+    assert heat["alt_text"].startswith(f"Region affinity of query region {region} to every region")
 
 
 def test_a_thin_strip_is_analysed(client, tmp_path):
     """2000x20 px: shrinking it to the working size must not take its short side below the 16 px minimum."""
     path = tmp_path / "strip.png"
     Image.fromarray(np.random.RandomState(1).randint(0, 255, (20, 2000, 3), dtype=np.uint8)).save(path)
-    labels, _, routes, heat, message, _, _ = client.predict(handle_file(str(path)), 0, 0, 0.5, 0.5,
-                                                            api_name="/analyse_upload")
+    *_, routes, heat, message, _, _ = client.predict(handle_file(str(path)), 0, 0, 0.5, 0.5,
+                                                     api_name="/analyse_upload")
     assert routes is not None and heat is not None and "routes to regions" in message
 
 
@@ -59,18 +101,26 @@ def test_the_latest_upload_example_or_click_wins(launched_app, embedded):
     import app
 
     demo = app.build_demo(embedded)
-    components = {block._id: block for block in demo.blocks.values()}
+    components = {block._id: block for block in [demo, *demo.blocks.values()]}
     modes = {}
     for dependency in demo.config["dependencies"]:
         for target, event in dependency["targets"]:
-            modes.setdefault((type(components[target]).__name__, event), set()).add(dependency["trigger_mode"])
-    for event in [("File", "upload"), ("Dropdown", "input"), ("Image", "select"), ("Slider", "release"),
-                  ("Number", "submit")]:
+            modes.setdefault((components[target].get_block_name(), event), set()).add(dependency["trigger_mode"])
+    for event in [("file", "upload"), ("dropdown", "input"), ("image", "select"), ("slider", "input"),
+                  ("number", "input")]:
         assert "always_last" in modes[event], event
     outputs = {(type(components[dependency["targets"][0][0]]).__name__,
                 tuple(type(components[i]).__name__ for i in dependency["outputs"]))
                for dependency in demo.config["dependencies"]}
     assert ("File", ("Dropdown",)) in outputs and ("Dropdown", ("File",)) in outputs
+
+
+def test_result_images_offer_only_buttons_that_work_offline(embedded):
+    """Gradio's "share" button needs Hugging Face Spaces: offline it only shows an error."""
+    import app
+
+    images = [block for block in app.build_demo(embedded).blocks.values() if block.get_block_name() == "image"]
+    assert len(images) == 3 and all("share" not in (image.buttons or []) for image in images)
 
 
 def test_random_weights_are_said(embedded):
@@ -85,28 +135,28 @@ def test_random_weights_are_said(embedded):
 
 def test_examples_are_served_by_name(client):
     for shape in ("circle", "square", "triangle", "cross"):
-        labels, _, routes, _, _, _, _ = client.predict(f"shapes: {shape}", 0, 0, 0.5, 0.5, api_name="/analyse_example")
-        assert labels["label"] == shape and pixels(routes).size
+        labels, _, _, _, routes, *_ = client.predict(f"shapes: {shape}", 0, 0, 0.5, 0.5, api_name="/analyse_example")
+        assert value(labels)["label"] == shape and pixels(routes).size
     labels, *_ = client.predict("photo: astronaut", 0, 0, 0.5, 0.5, api_name="/analyse_example")
-    assert len(labels["confidences"]) == 4
+    assert len(value(labels)["confidences"]) == 4
 
 
 def test_bad_uploads_leave_a_message_and_the_app_serving(client, bad_uploads, shape_pictures):
     for kind, path in bad_uploads.items():
-        labels, _, routes, heat, message, _, _ = client.predict(handle_file(str(path)), 0, 0, 0.5, 0.5,
-                                                                api_name="/analyse_upload")
+        *_, routes, heat, message, _, _ = client.predict(handle_file(str(path)), 0, 0, 0.5, 0.5,
+                                                         api_name="/analyse_upload")
         assert message.startswith("**Could not read the upload:**"), kind
         assert routes is None and heat is None
     labels, *_ = client.predict(handle_file(str(shape_pictures["circle"])), 0, 0, 0.5, 0.5,
                                 api_name="/analyse_upload")
-    assert labels["label"] == "circle"
+    assert value(labels)["label"] == "circle"
 
 
 def test_unsuitable_checkpoint_gets_a_message(client, tmp_path):
     path = tmp_path / "not_weights.pth"
     path.write_bytes(b"definitely not a checkpoint")
-    model_info, _, _, _, _, status, _, _ = client.predict("biformer_tiny", handle_file(str(path)), 0, 0, 0.5, 0.5,
-                                                          api_name="/load_model")
+    model_info, *_, status, _, _ = client.predict("biformer_tiny", handle_file(str(path)), 0, 0, 0.5, 0.5,
+                                                  api_name="/load_model")
     assert status.startswith("**Could not load the model:** the uploaded checkpoint")
     assert "(still serving the previous model)" in status and str(tmp_path) not in status
     assert "Could not" not in model_info, "the model panel keeps describing the model still served"
@@ -116,16 +166,20 @@ def test_segmentation_model_shows_its_mask_with_a_legend_and_the_routing(client,
     from bilevel.serving import EMBEDDED_MODEL, EMBEDDED_SEGMENTATION_MODEL
 
     client.predict(handle_file(str(shape_pictures["triangle"])), 0, 0, 0.5, 0.5, api_name="/analyse_upload")
-    model_info, labels, mask, routes, heat, message, _, _ = client.predict(
+    model_info, labels, mask, _, _, routes, heat, message, _, _ = client.predict(
         EMBEDDED_SEGMENTATION_MODEL, None, 0, 0, 0.5, 0.5, api_name="/load_model")
     assert "segmentation: 5 classes" in model_info
-    assert labels["label"] == "background" and "triangle" in {entry["label"] for entry in labels["confidences"]}
-    assert mask["visible"] is True
-    overlay = pixels(mask["value"])
+    assert labels["label"] == "Classes in the predicted mask (share of the pixels)"
+    assert value(labels)["label"] == "background"
+    assert "triangle" in {entry["label"] for entry in value(labels)["confidences"]}
+    assert mask["visible"] is True and re.fullmatch(r"Predicted mask .*: background \d+%, triangle \d+%.*\.",
+                                                    mask["alt_text"])
+    overlay = pixels(mask)
     assert overlay.shape[1] == 448 and overlay.shape[0] > 448, "the legend strip lies below the 448 px picture"
     assert pixels(routes).shape[:2] == (448, 448) and "query region" in message
     model_info, labels, mask, *_ = client.predict(EMBEDDED_MODEL, None, 0, 0, 0.5, 0.5, api_name="/load_model")
-    assert labels["label"] == "triangle" and mask["visible"] is False
+    assert labels["label"] == "Top-4 predictions", "the embedded classifier knows 4 classes"
+    assert value(labels)["label"] == "triangle" and mask["visible"] is False
 
 
 def test_eight_simultaneous_requests_all_succeed(launched_app, tmp_path):
@@ -142,7 +196,8 @@ def test_eight_simultaneous_requests_all_succeed(launched_app, tmp_path):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(one_user, uploads))
-    assert all(len(labels["confidences"]) == 4 and routes for labels, _, routes, *_ in results)
+    assert all(len(value(labels)["confidences"]) == 4 and pixels(routes).size
+               for labels, _, _, _, routes, *_ in results)
     assert predictor.forward_passes - before == 8
 
 
@@ -155,3 +210,29 @@ def test_command_line_defaults_and_a_bad_checkpoint(tmp_path):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(SystemExit, match=f"app.py: {re.escape(str(path))}"):
         app.main(["--model", "biformer_tiny", "--checkpoint", str(path)])
+
+
+@pytest.mark.parametrize("option", [["--port", "99999"], ["--port", "0"], ["--port", "http"], ["--concurrency", "0"]])
+def test_command_line_refuses_ports_and_concurrency_out_of_range(option, capsys):
+    import app
+
+    with pytest.raises(SystemExit) as exited:
+        app.parse_args(option)
+    assert exited.value.code == 2 and f"argument {option[0]}: " in capsys.readouterr().err
+
+
+def test_a_busy_port_ends_in_one_line_naming_the_option(embedded, shapes_root, monkeypatch, capsys):
+    import app
+
+    monkeypatch.setenv("BILEVEL_CACHE", str(shapes_root.parent))
+    monkeypatch.setattr(app, "load_served_model", lambda *args, **kwargs: embedded)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exited:
+            app.main(["--port", str(port)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"app.py: port {port} on 127.0.0.1 is in use (or 127.0.0.1 is not an address "
+                                       f'of this machine): choose another with --port (make demo DEMO_ARGS="--port '
+                                       f'{port + 1}")\n')

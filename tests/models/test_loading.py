@@ -10,7 +10,8 @@ import torch
 
 import bilevel
 from bilevel.models.biformer import BiFormer
-from bilevel.models.loading import CheckpointError, extract_state_dict, load_weights
+from bilevel.models.loading import (CheckpointError, _torch_reason, extract_state_dict, load_weights,
+                                    read_checkpoint)
 
 #: every layout at one block per stage (the variants' code paths at a fraction of the cost)
 SHALLOW = {
@@ -186,6 +187,27 @@ def test_files_of_other_kinds_are_named(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=f"{path} is not a PyTorch checkpoint file"):
         bilevel.create_model("biformer_tiny", checkpoint_path=path)
+
+
+def test_refused_and_damaged_files_get_torch_reason_in_one_plain_sentence(tmp_path):
+    """No terminal escapes, no torch advice about weights_only=False, no sentence cut mid-word."""
+    pickled = _save(tmp_path, torch.nn.Linear(2, 2), "module.pt")
+    whole = _save(tmp_path, {"weight": torch.zeros(256, 256)}, "whole.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    reasons = {}
+    for path in (pickled, truncated):
+        with pytest.raises(CheckpointError) as caught:
+            read_checkpoint(path)
+        reasons[path.name] = str(caught.value)
+    assert reasons["module.pt"] == (
+        f"{pickled} holds Python objects that a weights-only load refuses (Unsupported global: GLOBAL "
+        "torch.nn.modules.linear.Linear was not an allowed global by default); bilevel loads weights only: save the "
+        "state dict (torch.save(model.state_dict(), path))")
+    assert reasons["truncated.pt"] == (f"{truncated} is not a PyTorch checkpoint (RuntimeError: PytorchStreamReader "
+                                       "failed reading zip archive: failed finding central directory)")
+    long = _torch_reason(RuntimeError("overlong " * 40 + "end. More."))
+    assert long.endswith("overlong...") and len(long) < 210
 
 
 # ------------------------------------------------------------------------------------ names

@@ -1,4 +1,6 @@
 """Class masks over the image: colours per class index, blending, the legend strip."""
+import colorsys
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,29 @@ def test_colours_are_fixed_per_class_whatever_the_palette_size():
     assert np.array_equal(few, many[:5]) and not few[0].any()
     assert len({tuple(colour) for colour in many[1:]}) > 140, "classes need distinguishable colours"
     assert mask_palette(4) == few[:4].ravel().tolist()
+
+
+def hue_degrees(colour) -> float:
+    return 360 * colorsys.rgb_to_hsv(*(np.asarray(colour, float) / 255))[0]
+
+
+def test_the_first_classes_are_saturated_with_clearly_distinct_hues():
+    """A legend can be matched by hue: background black, then tab10's colours (no two greyish blues)."""
+    colours = mask_colours(10)
+    assert not colours[0].any()
+    assert all(colorsys.rgb_to_hsv(*(colour / 255))[1] > 0.4 for colour in colours[1:])
+    hues = sorted(hue_degrees(colour) for colour in colours[1:6])
+    gaps = np.diff(hues + [hues[0] + 360])
+    assert gaps.min() > 25, f"hues of classes 1-5 too close: {hues}"
+
+
+@pytest.mark.parametrize("beneath", [(240, 220, 30), (30, 60, 200), (250, 250, 250), (10, 10, 10)])
+def test_overlay_keeps_the_class_hue_whatever_lies_beneath(beneath):
+    """The image is greyed under the colours, so the drawn class has its legend swatch's hue."""
+    image = np.full((2, 2, 3), beneath, np.uint8)
+    for index in (1, 2, 3):
+        blended = overlay_mask(image, np.full((2, 2), index), num_classes=5)
+        assert abs(hue_degrees(blended[0, 0]) - hue_degrees(mask_colours(5)[index])) < 4, (index, blended[0, 0])
 
 
 def test_overlay_blends_each_pixel_towards_its_class_colour():
