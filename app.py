@@ -296,8 +296,8 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
     # analytics off: the demo runs offline and reports nothing to Gradio's servers
     with gr.Blocks(title="bilevel: bi-level routing attention", analytics_enabled=False) as demo:
         gr.Markdown("# Bi-level routing attention, live\nUpload an image or pick an example: the model's top "
-                    "classes, up to five (a segmentation model: its predicted mask), and for the region you click, the regions "
-                    "its attention was routed to. Other models: the *Model* panel.")
+                    "classes, up to five (a segmentation model: its predicted mask), and for the region you click, "
+                    "the regions its attention was routed to. Other models: the *Model* panel.")
         model_key = gr.State(default.key)
         analysis = gr.State(None)
         with gr.Row():
