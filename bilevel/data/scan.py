@@ -6,10 +6,12 @@ class folder) are named in a warning. Nothing is written: the user's files are o
 """
 from __future__ import annotations
 
+import os
 import unicodedata
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -25,11 +27,14 @@ __all__ = ["DatasetError", "MaskValues", "require_folder", "require_argument", "
            "implied_class_count", "check_mask_classes"]
 
 Item = TypeVar("Item")
+Result = TypeVar("Result")
 #: value stored in a mask -> its number of pixels
 MaskValues = dict[int, int]
 
 #: the scan's progress bar appears once a scan has taken this long (a quick scan prints nothing)
 PROGRESS_DELAY_S = 1.0
+#: files checked at once: Pillow decodes without holding the GIL, so threads scale with the cores
+SCAN_THREADS = min(8, os.cpu_count() or 1)
 #: how many files (or classes) a message names before it gives only their count
 SHOWN = 5
 
@@ -119,10 +124,12 @@ def class_folders(split_dir: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _progress(items: Sequence[Item], description: str) -> Iterable[Item]:
-    """``items`` with a progress bar on the first process, after ``PROGRESS_DELAY_S`` (the others scan silently)."""
-    return tqdm(items, desc=description, unit="file", leave=False, delay=PROGRESS_DELAY_S,
-                disable=rank_zero_only.rank != 0)
+def _checked(check: Callable[[Item], Result], items: Sequence[Item], description: str) -> list[Result]:
+    """``check`` of every item, in order, on ``SCAN_THREADS`` threads; a progress bar on the first process, after
+    ``PROGRESS_DELAY_S`` (the others scan silently)."""
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:
+        return list(tqdm(pool.map(check, items), total=len(items), desc=description, unit="file", leave=False,
+                         delay=PROGRESS_DELAY_S, disable=rank_zero_only.rank != 0))
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -138,13 +145,14 @@ def check_images(paths: Sequence[Path], description: str = "checking images") ->
 
     raises: one DatasetError listing every file that is not a readable image.
     """
-    problems = []
-    for path in _progress(paths, description):
+    def problem(path: Path) -> Optional[str]:
         try:
             check_image(path)
         except ImageReadError as error:
-            problems.append(str(error))
-    _raise_problems(problems)
+            return str(error)
+        return None
+
+    _raise_problems([found for found in _checked(problem, paths, description) if found is not None])
 
 
 def _size_problem(image_path: Path, mask_path: Path, mask_size: tuple[int, int], image_size: tuple[int, int]) -> str:
@@ -201,11 +209,10 @@ def check_segmentation_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: Op
     raises: one DatasetError listing every problem, each naming its file; also when every mask holds
         only the ignore index.
     """
-    problems, mask_values = [], []
-    for image_path, mask_path in _progress(pairs, description):
-        found, values = _pair_problems(image_path, mask_path, num_classes, ignore_index, reduce_zero_label)
-        problems += found
-        mask_values.append(values)
+    checked = _checked(lambda pair: _pair_problems(*pair, num_classes, ignore_index, reduce_zero_label), pairs,
+                       description)
+    problems = [problem for found, _ in checked for problem in found]
+    mask_values = [values for _, values in checked]
     if not problems and pairs and not _label_pixels(mask_values, ignore_index, reduce_zero_label):
         folders = ", ".join(sorted({str(mask_path.parent) for _, mask_path in pairs}))
         problems.append(f"{folders}: every mask holds only the ignore index {ignore_index}, so there is no "
