@@ -124,6 +124,8 @@ class BilevelCLI(LightningCLI):
         them) for the run's model."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and _names_a_local_file(str(ckpt_path)) and not Path(ckpt_path).expanduser().exists():
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file or folder")
         if ckpt_path is not None and Path(ckpt_path).expanduser().is_file():
             self._checkpoint_hparams = require_lightning_checkpoint(ckpt_path)
             require_same_task(ckpt_path, self._checkpoint_hparams,

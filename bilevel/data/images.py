@@ -157,7 +157,7 @@ def check_image(path: PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             size = _displayed_size(image, path)
-            image.draft(image.mode, (image.width // _CHECK_SCALE, image.height // _CHECK_SCALE))
+            image.draft(image.mode, (max(1, image.width // _CHECK_SCALE), max(1, image.height // _CHECK_SCALE)))
             image.load()
     except _READ_ERRORS as error:
         raise _read_error(path, error) from None

@@ -248,12 +248,14 @@ def _ignore_index_marks_objects(mask_values: Sequence[MaskValues], labels: Count
 
 def check_mask_classes(pairs: Sequence[tuple[Path, Path]], mask_values: Sequence[MaskValues],
                        class_names: Sequence[str], ignore_index: int, reduce_zero_label: bool,
-                       mask_folder: Path) -> None:
+                       mask_folder: Path, names_implied: bool) -> None:
     """Every class should occur in the training masks (``mask_values``, as :func:`check_segmentation_pairs` gives).
 
     A warning names the classes that never occur (but the one whose label is the ignore index, if any). It is an
-    error when fewer than two classes occur, or when the ignore index seems to mark the objects
-    (:func:`_ignore_index_marks_objects`): the message then says how to rewrite the masks.
+    error when fewer than two classes occur, or when the classes were implied by the masks' largest label
+    (``names_implied``: no names given) and the ignore index seems to mark the objects
+    (:func:`_ignore_index_marks_objects`): the message then says how to rewrite the masks. Named classes are
+    trusted: void borders (the ignore index around objects, as VOC draws them) may outnumber small objects.
     """
     labels = _label_pixels(mask_values, ignore_index, reduce_zero_label)
     present = [name for label, name in enumerate(class_names) if labels[label]]
@@ -265,7 +267,8 @@ def check_mask_classes(pairs: Sequence[tuple[Path, Path]], mask_values: Sequence
     else:
         problem = (f"{len(absent)} of the {len(class_names)} classes never occur in the training masks "
                    f"({first_few(absent)})")
-    if len(present) < 2 or _ignore_index_marks_objects(mask_values, labels, ignore_index, len(class_names)):
+    if len(present) < 2 or (names_implied and _ignore_index_marks_objects(mask_values, labels, ignore_index,
+                                                                          len(class_names))):
         holding = [str(mask_path.relative_to(mask_folder)) for (_, mask_path), values in zip(pairs, mask_values)
                    if ignore_index in values]
         raise DatasetError(f"{mask_folder}: {problem}. {_ignore_index_hint(holding, ignore_index, len(class_names))}")

@@ -147,6 +147,7 @@ class SegmentationFolderDataModule(LightningDataModule):
         """``given``, else those of classes.txt, else ``class_<i>`` up to the largest training label (the training
         masks are then scanned here)."""
         names = list(given) if given else self._names_file()
+        self.names_implied = names is None
         if names is None:
             self._train_mask_values = check_segmentation_pairs(self.train_pairs, None, self.ignore_index,
                                                                self.reduce_zero_label,
@@ -160,7 +161,7 @@ class SegmentationFolderDataModule(LightningDataModule):
 
     def _check_mask_classes(self) -> None:
         check_mask_classes(self.train_pairs, self._train_mask_values, self.class_names, self.ignore_index,
-                           self.reduce_zero_label, self.train_mask_dir)
+                           self.reduce_zero_label, self.train_mask_dir, self.names_implied)
 
     def _transform(self, training: bool) -> SegmentationTransform:
         cfg = self.data_config

@@ -296,6 +296,21 @@ def test_a_class_no_training_mask_holds_is_named_in_a_warning(tmp_path):
         data.setup("fit")
 
 
+def test_named_classes_with_void_borders_wider_than_the_objects_are_trusted(tmp_path):
+    """VOC draws the ignore index around objects: around small ones it covers more pixels than they do. With the
+    classes named, that is no sign of 0/255 masks; a class absent from training is only warned about."""
+    root = _segmentation_tree(tmp_path, label=255)
+    for mask in root.glob("*/masks/*.png"):
+        labels = np.asarray(Image.open(mask)).copy()
+        labels[3:7, 3:7] = 1                                  # a 4x4 car inside a 10x10 void border
+        _mask(mask, labels)
+    (root / "classes.txt").write_text("background\ncar\nperson\n")
+    data = SegmentationFolderDataModule(str(root), num_workers=0)
+    with pytest.warns(UserWarning, match=r"1 of the 3 classes never occur in the training masks \(person\)"):
+        data.setup("fit")
+    assert data.class_names == ["background", "car", "person"]
+
+
 def test_masks_holding_only_the_ignore_index_are_named(tmp_path):
     root = _segmentation_tree(tmp_path)
     for mask in root.glob("*/masks/*.png"):
@@ -372,6 +387,15 @@ def test_builtin_dataset_is_deterministic_and_lives_in_the_cache(tmp_path, monke
     assert data.class_names == list(SEGMENTATION_CLASSES)
     train = sorted((root / "classification" / "train").rglob("*.png"))
     assert len(train) == 160 and len({p.parent.name for p in train}) == 4
+
+
+def test_a_jpeg_thinner_than_the_check_scale_is_checked(tmp_path):
+    """The scan decodes JPEGs at 1/8 of their size: a side under 8 pixels must not become 0."""
+    root = _class_tree(tmp_path)
+    Image.new("RGB", (600, 4), (90, 90, 90)).save(root / "train" / "cat" / "banner.jpg")
+    data = ImageFolderDataModule(str(root), image_size=32, num_workers=0)
+    data.setup("fit")
+    assert root / "train" / "cat" / "banner.jpg" in [path for path, _ in data.train_samples]
 
 
 def test_truncated_images_of_other_formats_are_listed_before_training(tmp_path):

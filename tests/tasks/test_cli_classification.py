@@ -177,6 +177,8 @@ def test_a_checkpoint_of_another_task_or_class_count_is_refused_before_restoring
                                               "\\(a, b, c\\), but the data gives 4 classes "
                                               "\\(circle, cross, square, triangle\\)"):
         main(["predict", "--config", CONFIG, "--ckpt_path", str(three), *QUICK])
+    with pytest.raises(CheckpointError, match="--ckpt_path missing.ckpt: no such file or folder"):
+        main(["predict", "--config", CONFIG, "--ckpt_path", "missing.ckpt", *QUICK])
 
 
 class _Unreadable(torch.utils.data.Dataset):
