@@ -188,10 +188,11 @@ def choice_slider(values: list[int], asked: float, drawn: int) -> gr.Slider:
                      interactive=len(values) > 1)
 
 
-def routing_outputs(analysis: Optional[Analysis], stage: float, block: float, point_x: Optional[float],
-                    point_y: Optional[float]):
+def routing_outputs(analysis: Optional[Analysis], stage: Optional[float], block: Optional[float],
+                    point_x: Optional[float], point_y: Optional[float]):
     """(query point x, y, routes image, heat image, message, stage slider, block slider) of the query point
-    (fractions of the image size; an emptied box counts as the centre, 0.5) on layer ``block`` of ``stage``.
+    (fractions of the image size; an emptied box counts as the centre, 0.5) on layer ``block`` of ``stage`` (an
+    emptied box: the first).
 
     Values out of range are moved to the nearest the model has (points into [0, 1]), and their controls show it.
     """
@@ -202,9 +203,9 @@ def routing_outputs(analysis: Optional[Analysis], stage: float, block: float, po
     if not layers:
         return gr.Number(), gr.Number(), None, None, "This model records no routing.", gr.Slider(), gr.Slider()
     stages = sorted({s for s, _ in layers})
-    drawn_stage = nearest(stages, stage)
+    drawn_stage = nearest(stages, stages[0] if stage is None else stage)
     blocks = sorted(b for s, b in layers if s == drawn_stage)
-    drawn_block = nearest(blocks, block)
+    drawn_block = nearest(blocks, blocks[0] if block is None else block)
     record = layers[drawn_stage, drawn_block]
     point = tuple(0.5 if value is None else min(max(value, 0.0), 1.0) for value in (point_x, point_y))
     controls = (corrected(gr.Number, point_x, point[0]), corrected(gr.Number, point_y, point[1]))

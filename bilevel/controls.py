@@ -23,9 +23,10 @@ class LenientNumber(gr.Number):
 
 
 class LenientSlider(gr.Slider):
-    """A gr.Slider whose number box passes values outside its range on to the app (drawn as a gr.Slider)."""
+    """A gr.Slider whose number box passes values outside its range, and an emptied box (None), on to the app
+    (drawn as a gr.Slider)."""
 
     is_template = True
 
     def preprocess(self, payload):
-        return gr.Number.round_to_precision(payload, self.precision)
+        return None if payload is None else gr.Number.round_to_precision(payload, self.precision)

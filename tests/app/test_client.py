@@ -60,6 +60,8 @@ def test_values_out_of_range_are_drawn_clamped_and_shown_so(client, shape_pictur
     x, y, *_, message, stage, block = client.predict(-3, 0, 0.25, 0.75, api_name="/route")
     assert value(stage) == 0 and message.startswith("Stage 0, layer 0 ")
     assert "value" not in x and "value" not in y and "value" not in block, "values in range are not written back"
+    *_, message, stage, block = client.predict(None, None, None, None, api_name="/route")   # boxes being retyped
+    assert message.startswith("Stage 0, layer 0 ") and "query region 36 of the 8x8 grid" in message
 
 
 def test_a_layer_the_stage_lacks_is_moved_into_it_and_shown(launched_app, shape_pictures):
