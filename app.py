@@ -340,13 +340,17 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         analysis_outputs = [analysis, predictions, mask_view] + view_outputs
         view = [analysis, stage, block, point_x, point_y]
         # the latest upload, example or click wins: one made while another is computing is not dropped
-        upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y], analysis_outputs,
-                      api_name="analyse_upload", trigger_mode="always_last")
+        upload_analysis = upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y],
+                                        analysis_outputs, api_name="analyse_upload", trigger_mode="always_last")
         upload.upload(lambda: gr.Dropdown(value=None), None, example, api_visibility="private")
-        upload.clear(lambda: no_analysis(START_MESSAGE), None, analysis_outputs, api_visibility="private")
-        example.input(analyse_example, [example, model_key, stage, block, point_x, point_y], analysis_outputs,
-                      api_name="analyse_example", trigger_mode="always_last")
+        example_analysis = example.input(analyse_example, [example, model_key, stage, block, point_x, point_y],
+                                         analysis_outputs, api_name="analyse_example", trigger_mode="always_last")
         example.input(lambda: None, None, upload, api_visibility="private")
+        # an analysis still running when the picture is cleared or replaced must not draw over the newer state
+        upload.clear(lambda: no_analysis(START_MESSAGE), None, analysis_outputs, api_visibility="private",
+                     cancels=[upload_analysis, example_analysis])
+        upload.upload(None, None, None, api_visibility="private", cancels=[example_analysis])
+        example.input(None, None, None, api_visibility="private", cancels=[upload_analysis])
         routes.select(clicked, [analysis, stage, block], view_outputs, api_visibility="private",
                       trigger_mode="always_last")
         # input: changes the user makes (mouse, keys, spin arrows, typing), not those the app writes back

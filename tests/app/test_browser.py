@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -99,6 +101,42 @@ def test_keys_redraw_the_view_values_out_of_range_are_clamped_and_clearing_reset
         page.get_by_text("Upload an image or pick an example.", exact=True).wait_for(timeout=30_000)
         assert page.locator(ROUTES_IMAGE).count() == 0 and page.locator(HEAT_IMAGE).count() == 0
         assert page.get_by_text("triangle", exact=True).count() == 0, "the predictions are gone"
+
+
+def test_clearing_while_the_analysis_runs_keeps_the_page_cleared(launched_app, monkeypatch, tmp_path):
+    """Clear pressed while the network still runs: the analysis is cancelled, its late result is not drawn."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    url, predictor = launched_app
+    started, release = threading.Event(), threading.Event()
+    run = predictor._run
+
+    def gated_run(served, picture):
+        started.set()
+        release.wait(60)
+        return run(served, picture)
+
+    monkeypatch.setattr(predictor, "_run", gated_run)
+    picture = tmp_path / "noise.png"     # a picture no other test analysed: no cache hit
+    Image.fromarray(np.random.RandomState(7).randint(0, 255, (96, 96, 3), dtype=np.uint8)).save(picture)
+    with opened_app(url, height=1000) as page:
+        page.locator("input[type=file]").first.set_input_files(str(picture))
+        assert started.wait(60), "the analysis did not start"
+        passes = predictor.forward_passes
+        page.get_by_role("button", name="Clear").first.click()
+        page.get_by_role("button", name="Clear").wait_for(state="detached", timeout=30_000)
+        release.set()
+        deadline = time.monotonic() + 60
+        while predictor.forward_passes == passes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert predictor.forward_passes == passes + 1, "the network run did not end"
+        try:
+            page.wait_for_selector(ROUTES_IMAGE, timeout=5000)
+            drawn = True
+        except PlaywrightTimeoutError:
+            drawn = False
+        assert not drawn, "the cancelled analysis drew its routes over the cleared page"
+        assert page.get_by_text("Upload an image or pick an example.", exact=True).count() == 1
 
 
 def test_choosing_the_segmentation_model_shows_the_mask_with_a_legend(launched_app, shape_pictures, tmp_path):
