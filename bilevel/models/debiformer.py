@@ -41,13 +41,17 @@ __all__ = ["DeBiFormer", "Block"]
 
 #: block top-k -> top-k of the BRA that runs first in that block (stages 1-3)
 BRA_TOPK_OF_BLOCK = {4: 1, 8: 4, 16: 16}
+#: regions the two DBRAs of a last-stage block (top-k -2) route to: a fixed 49 in the official code, which is
+#: every region at the classification n_win of 7 and 49 of 64 at the segmentation n_win of 8
+LAST_STAGE_ROUTED_REGIONS = 49
 
 
 class Block(nn.Module):
     """DeBiFormer block (pre-norm, two attentions, two MLPs). x: (N, C, H, W) -> (N, C, H, W).
 
     topk: 4, 8 or 16 -> attn1 = BRA with top-k 1, 4 or 16 and attn2 = DBRA with this top-k;
-    -2 (last stage) -> attn1 and attn2 both DBRA routing to every region (n_win² regions).
+    -2 (last stage) -> attn1 and attn2 both DBRA routing to ``LAST_STAGE_ROUTED_REGIONS`` regions (every
+    region when n_win² is not more).
     """
 
     def __init__(self, dim: int, num_heads: int, topk: int, param_size: str, drop_path: float = 0.0,
@@ -71,11 +75,11 @@ class Block(nn.Module):
                                                  side_dwconv=side_dwconv, auto_pad=True, backend=attn_backend)
             self.attn2 = dbra(topk)
         elif topk == -2:
-            self.attn1 = dbra(n_win * n_win)
-            self.attn2 = dbra(n_win * n_win)
+            self.attn1 = dbra(min(LAST_STAGE_ROUTED_REGIONS, n_win * n_win))
+            self.attn2 = dbra(min(LAST_STAGE_ROUTED_REGIONS, n_win * n_win))
         else:
             raise ValueError(f"topk={topk} is not a DeBiFormer block setting: use 4, 8, 16 (BRA + DBRA) or "
-                             "-2 (two DBRAs over all regions)")
+                             f"-2 (two DBRAs routing to {LAST_STAGE_ROUTED_REGIONS} regions)")
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp1 = TransformerMLPWithConv(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

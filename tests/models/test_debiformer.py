@@ -78,6 +78,17 @@ def test_every_dbra_block_records_sampling_points_and_routing():
         assert record.extras["reference_points"].shape == (7, 14, 2)
 
 
+@pytest.mark.parametrize("n_win, routed", [(8, 49), (7, 49), (4, 16)])
+def test_last_stage_routes_to_49_regions_as_the_official_code(n_win, routed):
+    """The official last-stage DBRAs take a fixed top-49: all regions at n_win 7, 49 of 64 at the segmentation
+    n_win of 8; fewer regions than 49 are all routed."""
+    model = shallow_tiny(n_win=n_win).eval()
+    with torch.no_grad(), record_routing(model) as trace:
+        model(torch.randn(1, 3, 256, 256))
+    last_stage = [record for record in trace.by_kind("dbra") if record.module.startswith("stages.3.")]
+    assert [record.indices.shape for record in last_stage] == [(1, n_win * n_win, routed)] * 2
+
+
 def test_features_only_returns_four_nchw_maps():
     backbone = bilevel.create_model("debiformer_tiny", depth=(1, 1, 1, 1), features_only=True).eval()
     with torch.no_grad():
