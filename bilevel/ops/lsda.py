@@ -90,15 +90,15 @@ def plan_groups(map_size: tuple[int, int], group_size: int, interval: int, long_
     """The grouping a block with group size G and interval I applies to an ``H x W`` map.
 
     long_distance: the block's kind (the official blocks alternate SDA, LDA, SDA, ... per stage).
-    If ``min(H, W) <= G`` the block falls back to SDA with G = min(H, W), the official rule: a
-    square map becomes one group; a non-square one (which the official classifier cannot take) is
-    tiled along its longer side, so a group never holds more than the nominal G x G tokens.
+    If ``min(H, W) <= G`` the block falls back to SDA over one group of side ``max(H, W)``, the rule of
+    the official segmentation backbone: a square map is one group, a non-square one is one group
+    padded (and masked) along its shorter side.
     """
     height, width = (int(s) for s in map_size)
     if group_size < 1 or interval < 1:
         raise ValueError(f"group_size and interval must be positive, got {group_size} and {interval}")
     if min(height, width) <= group_size:
-        group_size, interval, long_distance = min(height, width), 1, False
+        group_size, interval, long_distance = max(height, width), 1, False
     if not long_distance:
         interval = 1
     unit = group_size * interval

@@ -78,11 +78,13 @@ def test_token_groups_on_a_stage_map():
         token_groups((28, 28), 28, 0)
 
 
-def test_small_maps_fall_back_to_sda_with_the_short_side():
+def test_small_maps_fall_back_to_one_sda_group_of_the_long_side():
+    """The official segmentation backbone's rule: a map with a side <= G is one group of side max(H, W)."""
     square = plan_groups((7, 7), 7, 1, long_distance=True)
     assert (square.mode, square.group_size, square.num_groups, square.is_padded) == ("sda", 7, 1, False)
     wide = plan_groups((5, 9), 7, 2, long_distance=True)
-    assert (wide.mode, wide.group_size, wide.padded_size, wide.num_groups) == ("sda", 5, (5, 10), 2)
+    assert (wide.mode, wide.group_size, wide.padded_size, wide.num_groups, wide.is_padded) == (
+        "sda", 9, (9, 9), 1, True)
     large = plan_groups((64, 64), 7, 8, long_distance=True)
     assert (large.mode, large.padded_size, large.num_groups) == ("lda", (112, 112), 256)
     assert plan_groups((64, 64), 7, 8, long_distance=False).padded_size == (70, 70)
@@ -167,6 +169,20 @@ def test_group_attention_other_group_size_computes_its_tables():
     with torch.no_grad():
         torch.testing.assert_close(attention(groups, 5), _naive_attention(attention, groups, 5, None),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_small_non_square_map_attends_in_one_masked_group():
+    """7x10 (CrossFormer's stage 4 of a 224x320 image): every token attends to all 70 real tokens, with the
+    position bias of a 10x10 group and the padded row keys masked."""
+    attention = GroupAttention(dim=32, num_heads=2, group_size=7).eval()
+    x = _map(7, 10, channels=32)
+    layout = plan_groups((7, 10), 7, 1, long_distance=True)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 3))
+    key_bias = torch.where(torch.arange(100) >= 70, PADDED_KEY_BIAS, 0.0)[None]
+    with torch.no_grad():
+        out = attend_in_groups(x, attention, layout)
+        expected = _naive_attention(attention, padded.reshape(2, 1, 100, 32), 10, key_bias)
+    torch.testing.assert_close(out, expected.reshape(2, 10, 10, 32)[:, :7], rtol=1e-5, atol=1e-5)
 
 
 def test_v1_tables_are_dropped_on_load():
