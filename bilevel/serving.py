@@ -28,7 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from .data.images import ImageReadError, image_to_tensor, read_image
-from .models.loading import CheckpointError, extract_state_dict, load_weights, read_checkpoint
+from .models.loading import CheckpointError, extract_state_dict, is_mmseg_checkpoint, load_weights, read_checkpoint
 from .ops.recording import RoutingRecord, record_routing
 
 __all__ = ["EMBEDDED_CHECKPOINT", "EMBEDDED_MODEL", "EMBEDDED_SEGMENTATION_CHECKPOINT", "EMBEDDED_SEGMENTATION_MODEL",
@@ -196,11 +196,12 @@ def load_served_model(name: Optional[str] = None, checkpoint: Optional[PathLike]
     name: a registered variant (``bilevel.list_models()``) or the name of an embedded model
         (:data:`EMBEDDED_MODELS`); None with no checkpoint: the embedded demo classifier; None with a
         ``bilevel fit`` checkpoint: the variant the checkpoint was trained as.
-    checkpoint: an official ``.pth`` or a ``bilevel fit`` ``.ckpt`` (read weights-only) of a classifier or
-        of a segmenter (backbone + decode head); None with a name gives random weights (ImageNet-sized
-        head), useful only to look at the routing machinery.
+    checkpoint: an official classification ``.pth`` or a ``bilevel fit`` ``.ckpt`` (read weights-only) of a
+        classifier or of a segmenter (backbone, stage norms, decode head); None with a name gives random
+        weights (ImageNet-sized head), useful only to look at the routing machinery.
     label: how messages name the checkpoint (default: its file name).
-    raises: ServingError for an unknown name, a file that is not a checkpoint or one that does not fit.
+    raises: ServingError for an unknown name, a file that is not a checkpoint or one that does not fit, and an
+        official mmseg segmentation file (its heads are not rebuilt: the message says how to fine-tune from it).
     """
     from . import list_models
 
@@ -218,6 +219,11 @@ def load_served_model(name: Optional[str] = None, checkpoint: Optional[PathLike]
             state = extract_state_dict(contents, source=label)
         except (CheckpointError, FileNotFoundError) as error:
             raise ServingError(str(error).replace(str(checkpoint), label)) from None
+        if is_mmseg_checkpoint(contents):
+            raise ServingError(f"{label} is an official mmseg segmentation checkpoint, whose heads bilevel does not "
+                               "rebuild: fine-tune from it with bilevel fit --config "
+                               "lightning_configs/<family>_segmentation.yaml --model.checkpoint_path <this file> "
+                               "--model.stage_norms true (BiFormer, DeBiFormer) and serve that run's checkpoint")
     hyper = dict(contents.get("hyper_parameters") or {})
     trained_as = hyper.get("model_name")
     name = name or trained_as

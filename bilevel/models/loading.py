@@ -1,8 +1,9 @@
 """Checkpoint files the user supplies: read safely, adapt official layouts, load strictly.
 
 Files are read with ``torch.load(weights_only=True)``: no pickled code runs. Official training
-scripts also save their arguments (``argparse.Namespace``, CrossFormer's yacs ``CfgNode``); those
-few classes are allowed as inert stand-ins so the weights can be read, and nothing else is.
+scripts also save their arguments (``argparse.Namespace``, CrossFormer's yacs ``CfgNode``) and mmcv
+saves numpy scalars in an mmseg checkpoint's ``meta``; those few classes are allowed as inert data so
+the weights can be read, and nothing else is.
 """
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+import numpy as np
 import timm
 import torch
 from timm.models import adapt_input_conv
 from timm.models._input import get_model_traits
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "SHARDED_METADATA_FILE", "is_sharded_checkpoint", "read_checkpoint", "extract_state_dict",
-           "load_weights", "load_pretrained_weights", "create_model"]
+__all__ = ["CheckpointError", "SHARDED_METADATA_FILE", "MMSEG_HEADS", "is_sharded_checkpoint", "read_checkpoint",
+           "is_mmseg_checkpoint", "extract_state_dict", "read_backbone_weights", "split_stage_norms", "load_weights",
+           "load_pretrained_weights", "create_model"]
 
 PathLike = Union[str, Path]
 
@@ -38,12 +41,23 @@ class _InertConfig(dict):
             self.update(state)
 
 
+def _numpy_scalar_globals() -> list:
+    """What pickled numpy scalars of numeric types need (mmcv's ``meta["hook_msgs"]["best_score"]``): numpy's scalar
+    reconstruction, under its numpy 2 and numpy 1 module names, ``dtype`` and the dtype classes of booleans,
+    integers, floats and complex numbers (not object, string or void dtypes)."""
+    scalar = np.float64(0).__reduce__()[0]
+    numeric = {type(np.dtype(code)) for code in "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]}
+    return [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"), np.dtype,
+            *sorted(numeric, key=lambda dtype: dtype.__name__)]
+
+
 # Objects official checkpoints carry besides tensors; mapped to harmless types.
 _ALLOWED_GLOBALS = [
     argparse.Namespace,
     (_InertConfig, "yacs.config.CfgNode"),
     pathlib.PosixPath,
     pathlib.WindowsPath,
+    *_numpy_scalar_globals(),
 ]
 
 
@@ -133,11 +147,29 @@ _WEIGHT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 _WRAPPER_PREFIXES = ("module.", "model.")
 #: the final norm of the three families (``PyramidBackbone.norm``), which pruned backbones drop
 _FINAL_NORM = "norm"
+#: the heads of an official (mmseg) segmentation checkpoint, beside its ``backbone.``; bilevel rebuilds neither
+MMSEG_HEADS = ("decode_head.", "auxiliary_head.")
+#: the per-stage norms of a segmentation backbone, as the official BiFormer (``extra_norms.<i>.weight``, timm's
+#: LayerNorm2d) and DeBiFormer (``extra_norms.<i>.ln.weight``, an nn.LayerNorm in a wrapper) files hold them
+_STAGE_NORM_KEY = re.compile(r"extra_norms\.(\d+)\.(?:ln\.)?(weight|bias)")
+#: where a ``bilevel fit`` segmenter keeps its per-stage norms (``SemanticSegmenter.stage_norms``)
+_SEGMENTER_STAGE_NORMS = "stage_norms."
 
 
 def _with_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The entries whose key starts with ``prefix``, with the prefix removed."""
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def is_mmseg_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint dictionary is an official (mmseg) segmentation file: ``backbone.*`` and ``decode_head.*``
+    weights under ``"state_dict"``, and none of what Lightning writes (``hyper_parameters``,
+    ``pytorch-lightning_version``), which a ``bilevel fit`` segmentation checkpoint has."""
+    state = checkpoint.get("state_dict")
+    return (isinstance(state, Mapping) and "hyper_parameters" not in checkpoint
+            and "pytorch-lightning_version" not in checkpoint
+            and any(key.startswith("backbone.") for key in state)
+            and any(key.startswith(MMSEG_HEADS[0]) for key in state))
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint",
@@ -149,7 +181,9 @@ def extract_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint"
     dict. A ``module.`` (DistributedDataParallel) or ``model.`` prefix (a features_only model) on every key is
     removed. From a ``bilevel fit`` checkpoint the backbone of a classifier (keys ``model.*``) is returned.
     backbone: a segmentation checkpoint (``backbone.*`` and ``decode_head.*``) gives its backbone's weights,
-        without the decode head; otherwise its weights are returned whole, as the segmenter holds them.
+        without the heads (a warning names the heads of an official mmseg file, which nothing loads), and with a
+        ``bilevel fit`` segmenter's per-stage norms (``stage_norms.<i>.*``) as the official files name them
+        (``extra_norms.<i>.*``); otherwise its weights are returned whole, as the segmenter holds them.
     """
     weights_key = next((key for key in _WEIGHT_KEYS if isinstance(checkpoint.get(key), Mapping)), None)
     state = checkpoint[weights_key] if weights_key is not None else checkpoint
@@ -159,8 +193,47 @@ def extract_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint"
     for prefix in _WRAPPER_PREFIXES:
         if all(key.startswith(prefix) for key in tensors):
             tensors = _with_prefix(tensors, prefix)
-    task_model = _with_prefix(tensors, "model.") or (_with_prefix(tensors, "backbone.") if backbone else {})
+    task_model = _with_prefix(tensors, "model.") or (_segmentation_backbone(tensors) if backbone else {})
+    if backbone and is_mmseg_checkpoint(checkpoint):
+        heads = [f"{prefix}*" for prefix in MMSEG_HEADS if any(key.startswith(prefix) for key in tensors)]
+        warnings.warn(f"{source} is an official mmseg segmentation checkpoint: its backbone is loaded, not its "
+                      f"heads ({', '.join(heads)}), which bilevel does not rebuild; a bilevel decode head starts fresh",
+                      stacklevel=2)
     return task_model or tensors
+
+
+def _segmentation_backbone(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A segmentation checkpoint's ``backbone.*`` weights, with a ``bilevel fit`` segmenter's per-stage norms named as
+    the official segmentation backbones name theirs (``stage_norms.<i>.*`` -> ``extra_norms.<i>.*``); empty when
+    there is no ``backbone.``."""
+    state = _with_prefix(tensors, "backbone.")
+    if state:
+        norms = _with_prefix(tensors, _SEGMENTER_STAGE_NORMS)
+        state.update({f"extra_norms.{key}": value for key, value in norms.items()})
+    return state
+
+
+def read_backbone_weights(path: PathLike) -> dict[str, Tensor]:
+    """The backbone weights of a checkpoint file, as every start-weights reader takes them: :func:`read_checkpoint`
+    then :func:`extract_state_dict` with ``backbone=True`` (messages name the file as given)."""
+    return extract_state_dict(read_checkpoint(path), source=str(path), backbone=True)
+
+
+def split_stage_norms(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a backbone's weights into its per-stage norms and the rest.
+
+    The norms' keys ``extra_norms.<i>.weight`` (BiFormer) and ``extra_norms.<i>.ln.weight`` (DeBiFormer), and
+    their biases, become ``<i>.weight`` / ``<i>.bias``: the keys of a ModuleList of one LayerNorm per stage.
+    returns: (per-stage norms, the other weights); the first is empty when the file has none.
+    """
+    norms, rest = {}, {}
+    for key, value in state.items():
+        match = _STAGE_NORM_KEY.fullmatch(key)
+        if match:
+            norms[f"{match[1]}.{match[2]}"] = value
+        else:
+            rest[key] = value
+    return norms, rest
 
 
 def _describe(keys, limit: int = 8) -> str:
@@ -244,7 +317,13 @@ def _differs_in_input_channels(file_weight: Tensor, model_weight: Tensor) -> boo
 
 def load_pretrained_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
     """:func:`load_weights` for fine-tuning: a classifier of another size (or none in the file) and a final norm
-    the file lacks are initialised fresh, with a warning."""
+    the file lacks are initialised fresh, with a warning; the per-stage norms of a segmentation backbone (see
+    :func:`split_stage_norms`), which a backbone has no place for, are left out, with a warning."""
+    stage_norms, state_dict = split_stage_norms(state_dict)
+    if stage_norms:
+        warnings.warn(f"{source}: the per-stage norms of its segmentation backbone (extra_norms.*) are left out, as "
+                      f"{_model_name(model)} has none; SemanticSegmenter(stage_norms=True) (bilevel fit "
+                      "--model.stage_norms true) uses them", stacklevel=3)
     fresh = load_weights(model, state_dict, source=source, allow_new_classifier=True)
     classifier = [key for key in fresh if key.split(".")[0] in _classifier_prefixes(model)]
     norm = [key for key in fresh if key not in classifier]
@@ -270,7 +349,7 @@ def create_model(name: str, checkpoint_path: Optional[PathLike] = None, num_clas
         raise ValueError("bilevel never downloads weights: pass checkpoint_path= with the official .pth file")
     state = None
     if checkpoint_path is not None:
-        state = extract_state_dict(read_checkpoint(checkpoint_path), source=str(checkpoint_path), backbone=True)
+        state = read_backbone_weights(checkpoint_path)
         if num_classes is None:
             num_classes = _checkpoint_classes(state)
     if num_classes is not None:

@@ -3,14 +3,13 @@ and the optimiser (AdamW groups planned on the plain model, warm-up + cosine).""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from lightning import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..models.loading import extract_state_dict, load_pretrained_weights, read_checkpoint
+from ..models.loading import load_pretrained_weights, read_backbone_weights
 from .optim import ParameterPlan, build_optimizer, parameter_plan
 
 __all__ = ["FineTuningTask"]
@@ -32,9 +31,9 @@ class FineTuningTask(LightningModule):
     (FSDP's flat shards, activation-checkpoint wrappers): see :mod:`bilevel.tasks.optim`.
 
     Subclasses save ``checkpoint_path``, ``class_names`` and the optimiser hyperparameters (``lr``,
-    ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``, ``layer_decay``), set ``self.class_names``,
-    name the attribute holding the backbone in ``backbone_attribute`` and, when that backbone lost parts of
-    the registered model (pruning), list their keys in ``self.start_weights_left_out``.
+    ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``, ``layer_decay``), set ``self.class_names`` and
+    name the attribute holding the backbone in ``backbone_attribute``; one that keeps start weights outside
+    its backbone, or leaves some out, overrides :meth:`load_start_weights`.
     """
 
     #: the attribute holding the backbone: start weights load into it, layer-wise lr decay follows its depth
@@ -42,8 +41,6 @@ class FineTuningTask(LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        #: keys of a start-weights file that the backbone no longer has (they are not loaded)
-        self.start_weights_left_out: frozenset[str] = frozenset()
         # True once the weights are final: start weights loaded, or a Lightning checkpoint restored
         self._weights_settled = False
         self._parameter_plan: ParameterPlan | None = None
@@ -51,10 +48,7 @@ class FineTuningTask(LightningModule):
     def load_start_weights(self, path: str) -> None:
         """Load ``path`` into the backbone, as :func:`bilevel.create_model` reads it (a ``bilevel fit`` checkpoint
         gives its backbone); a classifier of another class count is re-initialised, with a warning."""
-        state = extract_state_dict(read_checkpoint(Path(path).expanduser()), source=str(path), backbone=True)
-        load_pretrained_weights(getattr(self, self.backbone_attribute),
-                                {key: value for key, value in state.items() if key not in self.start_weights_left_out},
-                                source=str(path))
+        load_pretrained_weights(getattr(self, self.backbone_attribute), read_backbone_weights(path), source=str(path))
 
     def setup(self, stage: str) -> None:
         """Load the ``checkpoint_path`` start weights once, unless a Lightning checkpoint is being restored;

@@ -4,16 +4,28 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch.nn.functional as F
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_warn
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 import bilevel
 
 from ..models._pyramid import InputSizeError
+from ..models.biformer import BiFormer, BiFormerSTL
+from ..models.crossformer import CrossFormer
+from ..models.debiformer import DeBiFormer
 from ..models.heads import create_head
+from ..models.loading import (CheckpointError, load_pretrained_weights, load_weights, read_backbone_weights,
+                              split_stage_norms)
 from .base import FineTuningTask
 
-__all__ = ["SemanticSegmenter", "sliding_window_logits"]
+__all__ = ["STAGE_NORM_EPS", "SemanticSegmenter", "sliding_window_logits"]
+
+#: eps of the per-stage norms (``stage_norms=True``), by backbone class: those of the official segmentation
+#: backbones' extra norms (BiFormer: timm's LayerNorm2d, 1e-6; DeBiFormer: nn.LayerNorm, 1e-5); CrossFormer's
+#: official one has none, so its own LayerNorms' default
+STAGE_NORM_EPS = {BiFormer: 1e-6, BiFormerSTL: 1e-6, DeBiFormer: 1e-5, CrossFormer: 1e-5}
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -46,13 +58,17 @@ class SemanticSegmenter(FineTuningTask):
     """Fine-tune a registered backbone with a Semantic FPN or UPerNet head.
 
     ``self.backbone``: the backbone without classifier or final norm, giving its four NCHW stage maps
-    (timm's ``forward_intermediates``); ``self.decode_head``: the head. A checkpoint's ``state_dict``
-    holds them under ``backbone.`` and ``decode_head.``; ``hyper_parameters`` hold ``model_name``,
-    ``model_kwargs``, ``head``, ``num_classes`` and ``class_names``.
+    (timm's ``forward_intermediates``); ``self.stage_norms``: one module per stage map (a LayerNorm over
+    channels, or identities); ``self.decode_head``: the head. A checkpoint's ``state_dict`` holds them under
+    ``backbone.``, ``stage_norms.`` and ``decode_head.``; ``hyper_parameters`` hold ``model_name``,
+    ``model_kwargs``, ``stage_norms``, ``head``, ``num_classes`` and ``class_names``.
 
     head: "fpn" (Semantic FPN) or "upernet". head_kwargs: channel widths etc. of the head.
-    checkpoint_path: official ``.pth`` (or a ``bilevel fit`` checkpoint) whose backbone to start
-        from, read in ``setup`` (see :class:`~bilevel.tasks.base.FineTuningTask`); its classifier is left out.
+    checkpoint_path: official ``.pth`` (classification, or an mmseg segmentation file) or a ``bilevel fit``
+        checkpoint whose backbone to start from, read in ``setup`` (see :meth:`load_start_weights`).
+    stage_norms: normalise each stage map over its channels before the decode head, as the official BiFormer and
+        DeBiFormer segmentation backbones do (their ``extra_norms``; eps from :data:`STAGE_NORM_EPS`). Their
+        parameters get no weight decay and the decode head's learning rate (no layer decay).
     ignore_index: the label of pixels left out of loss and metrics; must equal the data module's.
     inference: "whole" or "slide" (windows of ``window`` px every ``stride`` px) for validation/prediction.
     """
@@ -65,7 +81,7 @@ class SemanticSegmenter(FineTuningTask):
                  drop_path_rate: float = 0.1, model_kwargs: Optional[dict[str, Any]] = None,
                  ignore_index: int = 255, lr: float = 2e-4, weight_decay: float = 1e-4, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.01, layer_decay: Optional[float] = None, inference: str = "whole",
-                 window: int = 512, stride: int = 341):
+                 window: int = 512, stride: int = 341, stage_norms: bool = False):
         super().__init__()
         if inference not in ("whole", "slide"):
             raise ValueError(f"inference={inference!r} must be 'whole' or 'slide'")
@@ -77,9 +93,14 @@ class SemanticSegmenter(FineTuningTask):
         unpruned_keys = set(self.backbone.state_dict())
         self.backbone.prune_intermediate_layers(indices=len(self.backbone.feature_info), prune_norm=True,
                                                 prune_head=True)
-        # the final norm, which the stage maps skip: start weights hold it, the pruned backbone does not
-        self.start_weights_left_out = frozenset(unpruned_keys - set(self.backbone.state_dict()))
+        pruned = {key.split(".")[0] for key in unpruned_keys - set(self.backbone.state_dict())}
+        #: top-level names of what classification start weights hold and this backbone lacks: the final norm (pruned)
+        #: and the classifier (never built)
+        self.start_weights_left_out = frozenset(pruned | {self.backbone.pretrained_cfg["classifier"]})
         channels = [info["num_chs"] for info in self.backbone.feature_info]
+        eps = STAGE_NORM_EPS[type(self.backbone)]
+        self.stage_norms = nn.ModuleList(LayerNorm2d(width, eps=eps) if stage_norms else nn.Identity()
+                                         for width in channels)
         self.decode_head = create_head(head, channels, num_classes, **(head_kwargs or {}))
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         metric_args = dict(num_classes=num_classes, ignore_index=ignore_index)
@@ -94,9 +115,32 @@ class SemanticSegmenter(FineTuningTask):
                              f"{data_ignore_index}: set both to the label of the pixels to leave out")
         super().setup(stage)
 
+    def load_start_weights(self, path: str) -> None:
+        """Load ``path``'s backbone (as :class:`~bilevel.tasks.base.FineTuningTask` does) and its per-stage norms.
+
+        The classifier and final norm of a classification checkpoint are left out, with a warning naming them. A
+        segmentation file's per-stage norms (the official ``extra_norms``, or a ``bilevel fit`` segmenter's
+        ``stage_norms``) go into ``stage_norms``; an mmseg file's heads are not used (a warning says so).
+        raises: CheckpointError naming the file when it has per-stage norms and this model has none.
+        """
+        norms, state = split_stage_norms(read_backbone_weights(path))
+        if norms and not self.hparams.stage_norms:
+            raise CheckpointError(f"{path} holds per-stage norms (extra_norms.*, as the official BiFormer and "
+                                  "DeBiFormer segmentation backbones have), but this model has none: add "
+                                  "--model.stage_norms true (SemanticSegmenter(stage_norms=True)) to use them")
+        kept = {key: value for key, value in state.items() if key.split(".")[0] not in self.start_weights_left_out}
+        left_out = sorted({f"{key.split('.')[0]}.*" for key in state.keys() - kept.keys()})
+        if left_out:
+            rank_zero_warn(f"{path}: left out {', '.join(left_out)}: a segmentation backbone has no classifier and "
+                           "no final norm (the decode head takes its stage maps)")
+        load_pretrained_weights(self.backbone, kept, source=str(path))
+        if norms:
+            load_weights(self.stage_norms, norms, source=f"{path} (its per-stage norms)")
+
     def forward(self, images: Tensor) -> Tensor:
         """images (N, 3, H, W) -> logits (N, num_classes, H, W) (whole image)."""
-        features = self.backbone.forward_intermediates(images, intermediates_only=True)
+        maps = self.backbone.forward_intermediates(images, intermediates_only=True)
+        features = [norm(stage_map) for norm, stage_map in zip(self.stage_norms, maps, strict=True)]
         logits = self.decode_head(features)
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 

@@ -145,6 +145,43 @@ def test_segmentation_checkpoint_of_another_shape_gets_a_message(tmp_path):
         load_served_model(checkpoint=path)
 
 
+def test_segmentation_checkpoint_with_stage_norms_serves_them(tmp_path):
+    module = small_segmenter(stage_norms=True)
+    for norm in module.stage_norms:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    path = tmp_path / "segmenter.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "datamodule_hyper_parameters": {"image_size": 64}}, path)
+    served = load_served_model(checkpoint=path)
+    torch.testing.assert_close(served.model.stage_norms.state_dict(), module.stage_norms.state_dict())
+    picture = Image.fromarray(np.random.RandomState(1).randint(0, 255, (64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        expected = module(image_to_tensor(picture)[None]).argmax(1)[0]
+    assert torch.equal(Predictor().analyse(served, picture).mask, expected)
+
+
+@pytest.mark.parametrize("extra_norm", ["extra_norms.0.weight", "extra_norms.0.ln.weight", None],
+                         ids=["biformer", "debiformer", "crossformer"])
+def test_official_mmseg_checkpoint_is_refused_with_the_way_to_fine_tune_from_it(tmp_path, extra_norm):
+    backbone = bilevel.create_model("biformer_tiny", num_classes=0, depth=(1, 1, 1, 1)).state_dict()
+    state = {f"backbone.{key}": value for key, value in backbone.items()}
+    if extra_norm is not None:
+        state[f"backbone.{extra_norm}"] = torch.ones(64)
+    state.update({"decode_head.conv_seg.weight": torch.zeros(150, 512, 1, 1),
+                  "auxiliary_head.conv_seg.weight": torch.zeros(150, 256, 1, 1)})
+    path = tmp_path / "upernet_biformer_small_512x512_160k_ade20k.pth"
+    torch.save({"meta": {"hook_msgs": {"best_score": np.float64(0.5)}}, "state_dict": state, "optimizer": {}}, path)
+    expected = ("the uploaded checkpoint is an official mmseg segmentation checkpoint, whose heads bilevel does not "
+                "rebuild: fine-tune from it with bilevel fit --config lightning_configs/<family>_segmentation.yaml "
+                "--model.checkpoint_path <this file> --model.stage_norms true (BiFormer, DeBiFormer) and serve that "
+                "run's checkpoint")
+    for name in ("biformer_tiny", None):
+        with pytest.raises(ServingError) as caught:
+            load_served_model(name, path, label="the uploaded checkpoint")
+        assert str(caught.value) == expected
+
+
 def test_one_forward_pass_per_picture_and_model(embedded, shape_pictures):
     predictor = Predictor(capacity=2)
     circle, square = (fit_picture(read_image(shape_pictures[name])) for name in ("circle", "square"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -208,6 +209,27 @@ def test_refused_and_damaged_files_get_torch_reason_in_one_plain_sentence(tmp_pa
                                        "failed reading zip archive: failed finding central directory)")
     long = _torch_reason(RuntimeError("overlong " * 40 + "end. More."))
     assert long.endswith("overlong...") and len(long) < 210
+
+
+def test_numpy_scalars_of_an_mmseg_meta_are_read(tmp_path, tiny):
+    """mmcv stores numpy scalars in ``meta["hook_msgs"]``; files written under numpy 1 name their reconstruction
+    ``numpy.core.multiarray.scalar``, under numpy 2 ``numpy._core.multiarray.scalar``. Arrays stay refused."""
+    meta = {"hook_msgs": {"best_score": np.float64(0.498), "best_iter": np.int64(160000)}, "CLASSES": ("wall",)}
+    contents = {"meta": meta, "state_dict": {f"backbone.{key}": value for key, value in tiny.state_dict().items()}}
+    numpy2 = _save(tmp_path, contents, "numpy2.pth")
+    torch.save(contents, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    numpy1 = tmp_path / "numpy1.pth"
+    legacy = (tmp_path / "legacy.pth").read_bytes()
+    assert legacy.count(b"numpy._core.multiarray\nscalar") == 1      # the pickle names it once
+    numpy1.write_bytes(legacy.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+    for path in (numpy2, numpy1):
+        hook_msgs = read_checkpoint(path)["meta"]["hook_msgs"]
+        assert hook_msgs == meta["hook_msgs"]
+        assert type(hook_msgs["best_score"]) is np.float64 and type(hook_msgs["best_iter"]) is np.int64
+        _assert_same_outputs(bilevel.create_model("biformer_tiny", checkpoint_path=path, num_classes=1000, **TINY),
+                             tiny)
+    with pytest.raises(CheckpointError, match="weights-only load refuses"):
+        read_checkpoint(_save(tmp_path, {"meta": {"scores": np.zeros(3)}, "state_dict": tiny.state_dict()}))
 
 
 # ------------------------------------------------------------------------------------ names
