@@ -222,7 +222,8 @@ def load_served_model(name: Optional[str] = None, checkpoint: Optional[PathLike]
         if is_mmseg_checkpoint(contents):
             raise ServingError(f"{label} is an official mmseg segmentation checkpoint, whose heads bilevel does not "
                                "rebuild: fine-tune from it with bilevel fit --config "
-                               "lightning_configs/<family>_segmentation.yaml --model.checkpoint_path <this file> "
+                               "lightning_configs/<family>_segmentation.yaml --model.model_name <its variant> "
+                               "--model.checkpoint_path <this file> "
                                "--model.stage_norms true (BiFormer, DeBiFormer) and serve that run's checkpoint")
     hyper = dict(contents.get("hyper_parameters") or {})
     trained_as = hyper.get("model_name")

@@ -149,6 +149,8 @@ _WRAPPER_PREFIXES = ("module.", "model.")
 _FINAL_NORM = "norm"
 #: the heads of an official (mmseg) segmentation checkpoint, beside its ``backbone.``; bilevel rebuilds neither
 MMSEG_HEADS = ("decode_head.", "auxiliary_head.")
+#: the classifier every mmseg decode head has (``BaseDecodeHead.conv_seg``); bilevel's heads name theirs otherwise
+_MMSEG_CLASSIFIER = "decode_head.conv_seg.weight"
 #: the per-stage norms of a segmentation backbone, as the official BiFormer (``extra_norms.<i>.weight``, timm's
 #: LayerNorm2d) and DeBiFormer (``extra_norms.<i>.ln.weight``, an nn.LayerNorm in a wrapper) files hold them
 _STAGE_NORM_KEY = re.compile(r"extra_norms\.(\d+)\.(?:ln\.)?(weight|bias)")
@@ -162,14 +164,13 @@ def _with_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def is_mmseg_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
-    """Whether a checkpoint dictionary is an official (mmseg) segmentation file: ``backbone.*`` and ``decode_head.*``
-    weights under ``"state_dict"``, and none of what Lightning writes (``hyper_parameters``,
-    ``pytorch-lightning_version``), which a ``bilevel fit`` segmentation checkpoint has."""
+    """Whether a checkpoint dictionary is an official (mmseg) segmentation file: ``backbone.*`` weights and an mmseg
+    decode head (its ``conv_seg`` classifier) under ``"state_dict"``, and none of what Lightning writes
+    (``hyper_parameters``, ``pytorch-lightning_version``), which a ``bilevel fit`` segmentation checkpoint has."""
     state = checkpoint.get("state_dict")
     return (isinstance(state, Mapping) and "hyper_parameters" not in checkpoint
             and "pytorch-lightning_version" not in checkpoint
-            and any(key.startswith("backbone.") for key in state)
-            and any(key.startswith(MMSEG_HEADS[0]) for key in state))
+            and any(key.startswith("backbone.") for key in state) and _MMSEG_CLASSIFIER in state)
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint",

@@ -21,7 +21,7 @@ from PIL import Image
 
 import bilevel
 from bilevel.cli import BilevelCLI
-from bilevel.models.loading import CheckpointError, read_checkpoint
+from bilevel.models.loading import CheckpointError, is_mmseg_checkpoint, read_checkpoint
 from bilevel.serving import EMBEDDED_SEGMENTATION_CHECKPOINT, EMBEDDED_SEGMENTATION_MODEL, load_served_model
 from bilevel.tasks import SemanticSegmenter
 from bilevel.tasks.optim import parameter_groups, parameter_plan
@@ -110,6 +110,14 @@ def test_official_segmentation_file_starts_the_backbone_and_its_stage_norms(offi
             for leaf in ("weight", "bias"):
                 file_tensor = state[EXTRA_NORM_KEY[name].format(stage=stage, leaf=leaf)]
                 torch.testing.assert_close(getattr(norm, leaf).detach(), file_tensor, rtol=0, atol=0)
+
+
+def test_only_files_with_an_mmseg_decode_head_count_as_mmseg_files(official):
+    """A segmenter's weights saved by hand (no Lightning metadata, bilevel's own head) are not an mmseg file."""
+    _, _, path = official
+    assert is_mmseg_checkpoint(read_checkpoint(path))
+    by_hand = segmenter("biformer_tiny", stage_norms=True)
+    assert not is_mmseg_checkpoint({"state_dict": by_hand.state_dict()})
 
 
 @pytest.mark.parametrize("name", sorted(EXTRA_NORM_KEY))
