@@ -75,8 +75,9 @@ class Block(nn.Module):
                                                  side_dwconv=side_dwconv, auto_pad=True, backend=attn_backend)
             self.attn2 = dbra(topk)
         elif topk == -2:
-            self.attn1 = dbra(min(LAST_STAGE_ROUTED_REGIONS, n_win * n_win))
-            self.attn2 = dbra(min(LAST_STAGE_ROUTED_REGIONS, n_win * n_win))
+            routed_regions = min(LAST_STAGE_ROUTED_REGIONS, n_win * n_win)
+            self.attn1 = dbra(routed_regions)
+            self.attn2 = dbra(routed_regions)
         else:
             raise ValueError(f"topk={topk} is not a DeBiFormer block setting: use 4, 8, 16 (BRA + DBRA) or "
                              f"-2 (two DBRAs routing to {LAST_STAGE_ROUTED_REGIONS} regions)")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 __all__ = ["CheckpointError", "SHARDED_METADATA_FILE", "MMSEG_HEADS", "is_sharded_checkpoint", "read_checkpoint",
            "is_mmseg_checkpoint", "extract_state_dict", "read_backbone_weights", "split_stage_norms", "load_weights",
-           "load_pretrained_weights", "create_model"]
+           "load_pretrained_weights", "classifier_prefixes", "create_model"]
 
 PathLike = Union[str, Path]
 
@@ -259,7 +259,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str
     _adapt_input_convs(model, state, own)
     fresh = []
     if allow_new_classifier:
-        classifier = _classifier_prefixes(model)
+        classifier = classifier_prefixes(model)
         for key in [key for key in state if key.split(".")[0] in classifier
                     and (key not in own or state[key].shape != own[key].shape)]:
             del state[key]
@@ -326,7 +326,7 @@ def load_pretrained_weights(model: nn.Module, state_dict: Mapping[str, Tensor], 
                       f"{_model_name(model)} has none; SemanticSegmenter(stage_norms=True) (bilevel fit "
                       "--model.stage_norms true) uses them", stacklevel=3)
     fresh = load_weights(model, state_dict, source=source, allow_new_classifier=True)
-    classifier = [key for key in fresh if key.split(".")[0] in _classifier_prefixes(model)]
+    classifier = [key for key in fresh if key.split(".")[0] in classifier_prefixes(model)]
     norm = [key for key in fresh if key not in classifier]
     if classifier:
         warnings.warn(f"{source}: loaded everything but the classifier ({', '.join(classifier)}), "
@@ -336,7 +336,8 @@ def load_pretrained_weights(model: nn.Module, state_dict: Mapping[str, Tensor], 
                       "initialised fresh", stacklevel=3)
 
 
-def _classifier_prefixes(model: nn.Module) -> set[str]:
+def classifier_prefixes(model: nn.Module) -> set[str]:
+    """Top-level names of ``model``'s classifier modules, from its pretrained config (``head`` by default)."""
     classifier = getattr(model, "default_cfg", {}).get("classifier", "head")
     names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
     return {name.split(".")[0] for name in names}

@@ -16,8 +16,8 @@ from ..models.biformer import BiFormer, BiFormerSTL
 from ..models.crossformer import CrossFormer
 from ..models.debiformer import DeBiFormer
 from ..models.heads import create_head
-from ..models.loading import (CheckpointError, load_pretrained_weights, load_weights, read_backbone_weights,
-                              split_stage_norms)
+from ..models.loading import (CheckpointError, classifier_prefixes, load_pretrained_weights, load_weights,
+                              read_backbone_weights, split_stage_norms)
 from .base import FineTuningTask
 
 __all__ = ["STAGE_NORM_EPS", "SemanticSegmenter", "sliding_window_logits"]
@@ -96,7 +96,7 @@ class SemanticSegmenter(FineTuningTask):
         pruned = {key.split(".")[0] for key in unpruned_keys - set(self.backbone.state_dict())}
         #: top-level names of what classification start weights hold and this backbone lacks: the final norm (pruned)
         #: and the classifier (never built)
-        self.start_weights_left_out = frozenset(pruned | {self.backbone.pretrained_cfg["classifier"]})
+        self.start_weights_left_out = frozenset(pruned | classifier_prefixes(self.backbone))
         channels = [info["num_chs"] for info in self.backbone.feature_info]
         eps = STAGE_NORM_EPS[type(self.backbone)]
         self.stage_norms = nn.ModuleList(LayerNorm2d(width, eps=eps) if stage_norms else nn.Identity()
