@@ -83,6 +83,37 @@ class ModelShelf:
             return self._loaded[key]
 
 
+class PictureGenerations:
+    """Which running analyses a page has moved past, so that their late results are not drawn.
+
+    Per browser session, one generation for each kind of picture (``"upload"``, ``"example"``): an analysis notes
+    its kind's generation when it starts and is stale once that changed. The page moves both on when the upload
+    is cleared, and the other kind on when a picture is uploaded or an example picked. Only the page's own
+    (private) events move them, so an API call's result is always returned.
+    """
+
+    KINDS = ("upload", "example")
+
+    def __init__(self):
+        self._generations: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def current(self, session: Optional[str], kind: str) -> int:
+        with self._lock:
+            return self._generations.get((session, kind), 0)
+
+    def move_on(self, session: Optional[str], *kinds: str) -> None:
+        with self._lock:
+            for kind in kinds:
+                self._generations[session, kind] = self._generations.get((session, kind), 0) + 1
+
+    def forget(self, session: Optional[str]) -> None:
+        """Drop a closed page's generations."""
+        with self._lock:
+            for kind in self.KINDS:
+                self._generations.pop((session, kind), None)
+
+
 def display_picture(picture: Image.Image) -> np.ndarray:
     """The picture at the interface's size: longer side DISPLAY_SIDE (small pictures enlarged), shorter side
     stretched to at least DISPLAY_MIN_SIDE so that a thin strip still shows its regions and takes clicks."""
@@ -246,6 +277,7 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
     shelf = ModelShelf(default)
     examples = builtin_examples()
     model_choices = list(EMBEDDED_MODELS) + list(bilevel.list_models())
+    generations = PictureGenerations()
 
     def analysed(picture: Optional[Image.Image], model_key: str, stage: int, block: int, x: float, y: float):
         try:
@@ -260,18 +292,45 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             message += f" The model has {RANDOM_WEIGHTS_NOTE}."
         return analysis, *prediction_outputs(analysis), *view, message, stage_slider, block_slider
 
-    def analyse_upload(path, model_key, stage, block, x, y):
+    def analyse_upload(path, model_key, stage, block, x, y, request: gr.Request):
+        generation = generations.current(request.session_hash, "upload")
         try:
             picture = read_upload(path) if path else None
         except ServingError as error:
             gr.Warning(str(error))
-            return no_analysis(f"**Could not read the upload:** {error}")
-        return analysed(picture, model_key, stage, block, x, y)
+            outputs = no_analysis(f"**Could not read the upload:** {error}")
+        else:
+            outputs = analysed(picture, model_key, stage, block, x, y)
+        return unless_stale(outputs, request.session_hash, "upload", generation)
 
-    def analyse_example(name, model_key, stage, block, x, y):
-        if name not in examples:
-            return no_analysis("Pick one of the listed examples.")
-        return analysed(examples[name](), model_key, stage, block, x, y)
+    def analyse_example(name, model_key, stage, block, x, y, request: gr.Request):
+        generation = generations.current(request.session_hash, "example")
+        if name in examples:
+            outputs = analysed(examples[name](), model_key, stage, block, x, y)
+        else:
+            outputs = no_analysis("Pick one of the listed examples.")
+        return unless_stale(outputs, request.session_hash, "example", generation)
+
+    def unless_stale(outputs: tuple, session: Optional[str], kind: str, generation: int) -> tuple:
+        """``outputs``, or no change at all when the page moved past this analysis while it ran."""
+        if generations.current(session, kind) != generation:
+            return tuple(gr.skip() for _ in outputs)
+        return outputs
+
+    def uploaded(request: gr.Request):
+        generations.move_on(request.session_hash, "example")
+        return gr.Dropdown(value=None)
+
+    def example_picked(request: gr.Request):
+        generations.move_on(request.session_hash, "upload")
+        return None
+
+    def cleared(request: gr.Request):
+        generations.move_on(request.session_hash, *PictureGenerations.KINDS)
+        return no_analysis(START_MESSAGE)
+
+    def page_closed(request: gr.Request):
+        generations.forget(request.session_hash)
 
     def clicked(analysis, stage, block, evt: gr.SelectData):
         if analysis is None or evt.index is None:
@@ -303,8 +362,8 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         analysis = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath")
-                example = gr.Dropdown(list(examples), value=None, label="or pick an example")
+                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="upload")
+                example = gr.Dropdown(list(examples), value=None, label="or pick an example", elem_id="example")
                 predictions = gr.Label(num_top_classes=5, label=served_predictions_label(default))
                 mask_view = gr.Image(label="Predicted mask", type="numpy", interactive=False, format="png",
                                      visible=False, elem_id="mask", buttons=OFFLINE_BUTTONS)
@@ -339,18 +398,17 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         view_outputs = [point_x, point_y, routes, heat, status, stage, block]
         analysis_outputs = [analysis, predictions, mask_view] + view_outputs
         view = [analysis, stage, block, point_x, point_y]
-        # the latest upload, example or click wins: one made while another is computing is not dropped
-        upload_analysis = upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y],
-                                        analysis_outputs, api_name="analyse_upload", trigger_mode="always_last")
-        upload.upload(lambda: gr.Dropdown(value=None), None, example, api_visibility="private")
-        example_analysis = example.input(analyse_example, [example, model_key, stage, block, point_x, point_y],
-                                         analysis_outputs, api_name="analyse_example", trigger_mode="always_last")
-        example.input(lambda: None, None, upload, api_visibility="private")
-        # an analysis still running when the picture is cleared or replaced must not draw over the newer state
-        upload.clear(lambda: no_analysis(START_MESSAGE), None, analysis_outputs, api_visibility="private",
-                     cancels=[upload_analysis, example_analysis])
-        upload.upload(None, None, None, api_visibility="private", cancels=[example_analysis])
-        example.input(None, None, None, api_visibility="private", cancels=[upload_analysis])
+        # the latest upload, example or click wins: one made while another is computing is not dropped.
+        # A trigger's events run in turn, each after the one before has finished: the quick ones come first.
+        # An analysis still running when the picture is cleared or replaced must not draw over the newer state; Gradio's
+        # `cancels` would stop it, but (Gradio 6.31) can leave "Error" on every output, so the stale result is skipped.
+        upload.upload(uploaded, None, example, api_visibility="private")
+        upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y], analysis_outputs,
+                      api_name="analyse_upload", trigger_mode="always_last")
+        example.input(example_picked, None, upload, api_visibility="private")
+        example.input(analyse_example, [example, model_key, stage, block, point_x, point_y], analysis_outputs,
+                      api_name="analyse_example", trigger_mode="always_last")
+        upload.clear(cleared, None, analysis_outputs, api_visibility="private")
         routes.select(clicked, [analysis, stage, block], view_outputs, api_visibility="private",
                       trigger_mode="always_last")
         # input: changes the user makes (mouse, keys, spin arrows, typing), not those the app writes back
@@ -358,6 +416,7 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             control.input(routing_outputs, view, view_outputs, api_visibility="private", trigger_mode="always_last")
         gr.Button("Redraw", size="sm").click(routing_outputs, view, view_outputs, api_name="route")
         demo.load(None, js=NAME_FILE_UPLOADS_JS, api_visibility="private")
+        demo.unload(page_closed)
         load.click(load_model, [choice, checkpoint, model_key, analysis, stage, block, point_x, point_y],
                    [model_key, model_info] + analysis_outputs, api_name="load_model")
     return demo

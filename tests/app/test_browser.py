@@ -14,6 +14,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from app import START_MESSAGE
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -23,6 +25,10 @@ MASK_IMAGE = "#mask img"
 CHANGED = "([selector, old]) => document.querySelector(selector)?.src !== old"
 LOADED = "selector => document.querySelector(selector)?.complete"
 VALID_NUMBERS = "() => [...document.querySelectorAll('input[type=number]')].every(box => box.validity.valid)"
+UPLOAD_CLEAR = "#upload button[aria-label=Clear]"
+NOTHING_IN_PROGRESS = ("() => ![...document.querySelectorAll('[data-testid=status-tracker]')]"
+                       ".some(tracker => tracker.innerText.includes('processing'))")
+EXAMPLE_EMPTY = "() => document.querySelector('#example input').value === ''"
 
 
 def fetched_pixels(page, url: str) -> np.ndarray:
@@ -45,6 +51,11 @@ def opened_app(url: str, height: int) -> Iterator:
             yield page
         finally:
             browser.close()
+
+
+def pick_example(page, name: str) -> None:
+    page.locator("#example input").click()
+    page.get_by_role("option", name=name, exact=True).click()
 
 
 def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp_path):
@@ -97,46 +108,107 @@ def test_keys_redraw_the_view_values_out_of_range_are_clamped_and_clearing_reset
         page.wait_for_function("() => document.querySelector('input[type=number][step=\"0.01\"]').value === '1'")
         assert page.get_by_text("Error", exact=True).count() == 0 and page.locator(HEAT_IMAGE).count() == 1
         assert predictor.forward_passes == passes, "redrawing must not run the network again"
-        page.get_by_role("button", name="Clear").first.click()
+        page.locator(UPLOAD_CLEAR).click()
         page.get_by_text("Upload an image or pick an example.", exact=True).wait_for(timeout=30_000)
         assert page.locator(ROUTES_IMAGE).count() == 0 and page.locator(HEAT_IMAGE).count() == 0
         assert page.get_by_text("triangle", exact=True).count() == 0, "the predictions are gone"
 
 
-def test_clearing_while_the_analysis_runs_keeps_the_page_cleared(launched_app, monkeypatch, tmp_path):
-    """Clear pressed while the network still runs: the analysis is cancelled, its late result is not drawn."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
-    url, predictor = launched_app
+def gated_first_run(predictor, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Hold the predictor's next network run until released: (started, release)."""
     started, release = threading.Event(), threading.Event()
     run = predictor._run
 
     def gated_run(served, picture):
-        started.set()
-        release.wait(60)
+        if not started.is_set():
+            started.set()
+            release.wait(60)
         return run(served, picture)
 
     monkeypatch.setattr(predictor, "_run", gated_run)
-    picture = tmp_path / "noise.png"     # a picture no other test analysed: no cache hit
-    Image.fromarray(np.random.RandomState(7).randint(0, 255, (96, 96, 3), dtype=np.uint8)).save(picture)
+    return started, release
+
+
+def noise_picture(path: Path, seed: int) -> Path:
+    """A picture no other test analysed (no cache hit: the network runs)."""
+    Image.fromarray(np.random.RandomState(seed).randint(0, 255, (96, 96, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def watch_for_error_badges(page, seconds: float) -> int:
+    """The most "Error" badges seen on the page while sampling it for ``seconds``."""
+    most, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        most = max(most, page.get_by_text("Error", exact=True).count())
+        time.sleep(0.05)
+    return most
+
+
+def finish_gated_run(page, predictor, release: threading.Event) -> None:
+    """Release the held network run and wait until it ended and the page shows nothing in progress."""
+    passes = predictor.forward_passes
+    release.set()
+    deadline = time.monotonic() + 60
+    while predictor.forward_passes == passes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert predictor.forward_passes == passes + 1, "the network run did not end"
+    page.wait_for_function(NOTHING_IN_PROGRESS, timeout=30_000)
+
+
+def test_clearing_while_the_analysis_runs_keeps_the_page_cleared(launched_app, monkeypatch, tmp_path):
+    """Clear pressed while the network still runs: its late result is not drawn, and no output shows "Error"."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    url, predictor = launched_app
+    started, release = gated_first_run(predictor, monkeypatch)
     with opened_app(url, height=1000) as page:
-        page.locator("input[type=file]").first.set_input_files(str(picture))
+        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "noise.png", 7)))
         assert started.wait(60), "the analysis did not start"
-        passes = predictor.forward_passes
-        page.get_by_role("button", name="Clear").first.click()
-        page.get_by_role("button", name="Clear").wait_for(state="detached", timeout=30_000)
-        release.set()
-        deadline = time.monotonic() + 60
-        while predictor.forward_passes == passes and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert predictor.forward_passes == passes + 1, "the network run did not end"
+        page.locator(UPLOAD_CLEAR).click()
+        page.locator(UPLOAD_CLEAR).wait_for(state="detached", timeout=30_000)
+        badges_while_running = watch_for_error_badges(page, 2.0)
+        finish_gated_run(page, predictor, release)
+        badges_after = watch_for_error_badges(page, 1.0)
         try:
-            page.wait_for_selector(ROUTES_IMAGE, timeout=5000)
+            page.wait_for_selector(ROUTES_IMAGE, timeout=3000)
             drawn = True
         except PlaywrightTimeoutError:
             drawn = False
-        assert not drawn, "the cancelled analysis drew its routes over the cleared page"
-        assert page.get_by_text("Upload an image or pick an example.", exact=True).count() == 1
+        assert not drawn, "the analysis drew its routes over the cleared page"
+        assert (badges_while_running, badges_after) == (0, 0), "outputs marked Error"
+        assert page.get_by_text(START_MESSAGE, exact=True).count() == 1
+
+
+def test_an_example_picked_while_an_upload_is_analysed_wins(launched_app, monkeypatch, tmp_path):
+    """The upload box empties at once, the example is drawn, and the upload's late result does not replace it."""
+    url, predictor = launched_app
+    started, release = gated_first_run(predictor, monkeypatch)
+    with opened_app(url, height=1000) as page:
+        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "noise.png", 8)))
+        assert started.wait(60), "the analysis did not start"
+        pick_example(page, "shapes: triangle")
+        page.locator(UPLOAD_CLEAR).wait_for(state="detached", timeout=30_000)
+        page.get_by_text("triangle", exact=True).first.wait_for(timeout=60_000)
+        page.wait_for_selector(ROUTES_IMAGE, timeout=60_000)
+        routes = page.locator(ROUTES_IMAGE).get_attribute("src")
+        finish_gated_run(page, predictor, release)
+        assert watch_for_error_badges(page, 1.0) == 0, "outputs marked Error"
+        assert page.locator(ROUTES_IMAGE).get_attribute("src") == routes, "the upload's late result replaced the example"
+
+
+def test_an_upload_empties_the_example_choice_at_once_and_is_drawn(launched_app, monkeypatch, tmp_path):
+    url, predictor = launched_app
+    with opened_app(url, height=1000) as page:
+        pick_example(page, "shapes: square")
+        page.get_by_text("square", exact=True).first.wait_for(timeout=60_000)
+        routes = page.wait_for_selector(ROUTES_IMAGE, timeout=60_000).get_attribute("src")
+        started, release = gated_first_run(predictor, monkeypatch)
+        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "noise.png", 9)))
+        assert started.wait(60), "the analysis did not start"
+        page.wait_for_function(EXAMPLE_EMPTY, timeout=30_000)
+        finish_gated_run(page, predictor, release)
+        page.wait_for_function(CHANGED, arg=[ROUTES_IMAGE, routes], timeout=30_000)
+        assert watch_for_error_badges(page, 1.0) == 0, "outputs marked Error"
 
 
 def test_choosing_the_segmentation_model_shows_the_mask_with_a_legend(launched_app, shape_pictures, tmp_path):

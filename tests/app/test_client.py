@@ -104,8 +104,10 @@ def test_the_latest_upload_example_or_click_wins(launched_app, embedded):
 
     demo = app.build_demo(embedded)
     components = {block._id: block for block in [demo, *demo.blocks.values()]}
+    component_events = [dependency for dependency in demo.config["dependencies"]
+                        if all(target in components for target, _ in dependency["targets"])]   # not the page's unload
     modes = {}
-    for dependency in demo.config["dependencies"]:
+    for dependency in component_events:
         for target, event in dependency["targets"]:
             modes.setdefault((components[target].get_block_name(), event), set()).add(dependency["trigger_mode"])
     for event in [("file", "upload"), ("dropdown", "input"), ("image", "select"), ("slider", "input"),
@@ -113,7 +115,7 @@ def test_the_latest_upload_example_or_click_wins(launched_app, embedded):
         assert "always_last" in modes[event], event
     outputs = {(type(components[dependency["targets"][0][0]]).__name__,
                 tuple(type(components[i]).__name__ for i in dependency["outputs"]))
-               for dependency in demo.config["dependencies"]}
+               for dependency in component_events}
     assert ("File", ("Dropdown",)) in outputs and ("Dropdown", ("File",)) in outputs
 
 
@@ -141,6 +143,17 @@ def test_examples_are_served_by_name(client):
         assert value(labels)["label"] == shape and pixels(routes).size
     labels, *_ = client.predict("photo: astronaut", 0, 0, 0.5, 0.5, api_name="/analyse_example")
     assert len(value(labels)["confidences"]) == 4
+
+
+def test_one_api_session_gets_every_result_of_concurrent_calls(launched_app, shape_pictures):
+    """Only the page's own events (Clear, a new picture) make a running analysis stale: API calls always answer."""
+    user = Client(launched_app[0], verbose=False)
+    jobs = [user.submit(handle_file(str(shape_pictures["circle"])), 0, 0, 0.5, 0.5, api_name="/analyse_upload"),
+            user.submit("shapes: cross", 0, 0, 0.5, 0.5, api_name="/analyse_example"),
+            user.submit(handle_file(str(shape_pictures["triangle"])), 0, 0, 0.5, 0.5, api_name="/analyse_upload")]
+    results = [job.result(timeout=120) for job in jobs]
+    assert [value(labels)["label"] for labels, *_ in results] == ["circle", "cross", "triangle"]
+    assert all(pixels(routes).size for _, _, _, _, routes, *_ in results)
 
 
 def test_bad_uploads_leave_a_message_and_the_app_serving(client, bad_uploads, shape_pictures):
