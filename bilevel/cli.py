@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
 
@@ -25,6 +26,7 @@ from .data.images import DatasetError, ImageReadError
 from .data.scan import first_few
 from .models._pyramid import InputSizeError
 from .models.loading import SHARDED_METADATA_FILE, CheckpointError, is_sharded_checkpoint, read_checkpoint
+from .tasks.writers import PredictionWriter
 
 __all__ = ["BilevelCLI", "INPUT_ERRORS", "console_main", "main", "require_lightning_checkpoint", "require_same_task",
            "require_same_classes"]
@@ -38,11 +40,14 @@ INPUT_ERRORS = (CheckpointError, DatasetError, ImageReadError, InputSizeError)
 _WORKER_TRACEBACK = "Original Traceback"
 
 
-def require_lightning_checkpoint(path: Union[str, Path], sharded_ok: bool = False) -> dict[str, Any]:
+def require_lightning_checkpoint(path: Union[str, Path], sharded_ok: bool = False,
+                                 resume: bool = False) -> dict[str, Any]:
     """Check (reading weights-only) that ``path`` is a Lightning checkpoint, as ``--ckpt_path`` needs.
 
     sharded_ok: a sharded FSDP checkpoint folder is accepted (the run uses FSDP); its Lightning metadata
         file (``meta.pt``) is what gets checked.
+    resume: the run resumes from it (``fit``), so it must hold the training state, which a file exported for
+        serving (``python -m bilevel.serving export``) leaves out.
     returns: the checkpoint's hyperparameters (empty when it saved none).
     raises: FileNotFoundError, or CheckpointError naming the file and pointing official weights to
         ``--model.checkpoint_path`` and a sharded checkpoint, outside FSDP, to its consolidation.
@@ -54,6 +59,10 @@ def require_lightning_checkpoint(path: Union[str, Path], sharded_ok: bool = Fals
         raise CheckpointError(f"{path} is not a checkpoint written by `bilevel fit` (it holds model weights only, "
                               "like the official .pth files): --ckpt_path resumes or reuses a Lightning checkpoint. "
                               f"To start from these weights, pass --model.checkpoint_path {path}")
+    if resume and "optimizer_states" not in checkpoint:
+        raise CheckpointError(f"{path} holds a model's weights without the training state (saved weights-only, or "
+                              "exported for serving): `bilevel fit --ckpt_path` resumes a run from where it stopped. To start a new "
+                              f"run from these weights, pass --model.checkpoint_path {path}")
     return dict(checkpoint.get("hyper_parameters") or {})
 
 
@@ -127,7 +136,7 @@ class BilevelCLI(LightningCLI):
         if ckpt_path is not None and _names_a_local_file(str(ckpt_path)) and not Path(ckpt_path).expanduser().exists():
             raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file or folder")
         if ckpt_path is not None and Path(ckpt_path).expanduser().is_file():
-            self._checkpoint_hparams = require_lightning_checkpoint(ckpt_path)
+            self._checkpoint_hparams = require_lightning_checkpoint(ckpt_path, resume=subcommand == "fit")
             require_same_task(ckpt_path, self._checkpoint_hparams,
                               self.config[subcommand].get("model", {}).get("class_path"))
         super()._parse_ckpt_path()
@@ -161,12 +170,15 @@ class BilevelCLI(LightningCLI):
         self._restore_from_ckpt_path("test")
 
     def before_predict(self) -> None:
-        """Check ``--ckpt_path``; predictions go to the PredictionWriter's files, so the trainer keeps none in
-        memory unless ``--return_predictions true`` asks for them."""
+        """Check ``--ckpt_path``; predictions go to a prediction writer's files (a :class:`PredictionWriter` is added
+        when the config names none), so the trainer keeps none in memory unless ``--return_predictions true``
+        asks for them."""
         self._restore_from_ckpt_path("predict")
         config = self.config_init["predict"]
         if config.get("return_predictions") is None:
             config["return_predictions"] = False
+        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
 
 
 def main(args: Optional[list[str]] = None) -> None:

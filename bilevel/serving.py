@@ -346,6 +346,7 @@ def _plain(value: Any) -> Any:
 def export_checkpoint(source: PathLike, target: PathLike, half: bool = True) -> Path:
     """Keep what serving needs of a ``bilevel fit`` checkpoint: the model weights and the hyper-parameters.
 
+    The result still loads with Lightning (``load_from_checkpoint``, ``bilevel validate/predict --ckpt_path``).
     Drops the optimizer state and stores floating-point weights in half precision (``half``), which
     makes the file about a sixth of the training checkpoint. The weights keep the task's names (``model.``
     for a classifier, ``backbone.`` and ``decode_head.`` for a segmenter). returns: the target path.
@@ -359,6 +360,8 @@ def export_checkpoint(source: PathLike, target: PathLike, half: bool = True) -> 
     exported = {"state_dict": state,
                 "hyper_parameters": _plain(contents.get("hyper_parameters") or {}),
                 "datamodule_hyper_parameters": _plain(contents.get("datamodule_hyper_parameters") or {})}
+    if "pytorch-lightning_version" in contents:
+        exported["pytorch-lightning_version"] = str(contents["pytorch-lightning_version"])
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(exported, target)

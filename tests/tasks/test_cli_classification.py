@@ -181,6 +181,36 @@ def test_a_checkpoint_of_another_task_or_class_count_is_refused_before_restoring
         main(["predict", "--config", CONFIG, "--ckpt_path", "missing.ckpt", *QUICK])
 
 
+def test_the_embedded_demo_checkpoint_predicts_through_lightning_and_is_refused_for_resuming(tmp_path, monkeypatch,
+                                                                                             bilevel_cache):
+    """A file exported for serving still loads with Lightning (``load_from_checkpoint``, ``predict --ckpt_path``);
+    a config without a prediction writer still writes the predictions; resuming from it is refused in one line."""
+    from bilevel.serving import EMBEDDED_CHECKPOINT, EMBEDDED_SEGMENTATION_CHECKPOINT
+    from bilevel.tasks import ImageClassifier, SemanticSegmenter
+
+    demo = str(CONFIGS / "demo_classification.yaml")
+    assert "PredictionWriter" not in Path(demo).read_text()
+    run_bilevel(["predict", "--config", demo, "--ckpt_path", str(EMBEDDED_CHECKPOINT),
+                 "--trainer.limit_predict_batches", "1"], tmp_path, bilevel_cache)
+    [table] = (tmp_path / "lightning_logs/demo_classification").glob("version_*/predictions/predictions.csv")
+    with open(table, newline="") as handle:
+        predicted = list(csv.DictReader(handle))
+    names = read_checkpoint(EMBEDDED_CHECKPOINT)["hyper_parameters"]["class_names"]
+    written = np.array([[float(row[name]) for name in names] for row in predicted])
+    expected = _probabilities_in_process(EMBEDDED_CHECKPOINT, [row["path"] for row in predicted], bilevel_cache)
+    assert len(predicted) == 16
+    np.testing.assert_allclose(written, expected, atol=1e-4)
+
+    assert isinstance(ImageClassifier.load_from_checkpoint(EMBEDDED_CHECKPOINT), ImageClassifier)
+    assert isinstance(SemanticSegmenter.load_from_checkpoint(EMBEDDED_SEGMENTATION_CHECKPOINT), SemanticSegmenter)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BILEVEL_CACHE", str(bilevel_cache))
+    with pytest.raises(CheckpointError, match=f"{EMBEDDED_CHECKPOINT} holds a model's weights without the training "
+                                              f"state .* pass --model.checkpoint_path {EMBEDDED_CHECKPOINT}$"):
+        main(["fit", "--config", demo, "--ckpt_path", str(EMBEDDED_CHECKPOINT), *QUICK])
+
+
 class _Unreadable(torch.utils.data.Dataset):
     def __init__(self, path: Path):
         self.path = path

@@ -53,3 +53,6 @@ def test_fit_learns_and_predicted_masks_match_the_checkpoint(tmp_path, bilevel_c
         analysis = Predictor().analyse(load_served_model(checkpoint=source), fit_picture(picture))
         assert torch.equal(analysis.mask, expected), f"served mask of {source.name} differs from the module's"
         assert analysis.records and abs(float(analysis.probabilities.sum()) - 1) < 1e-6
+    reloaded = SemanticSegmenter.load_from_checkpoint(exported).eval()    # the exported file still loads with Lightning
+    with torch.no_grad():
+        assert torch.equal(reloaded(load_image_tensor(images_dir / written[0].name)[None]).argmax(1)[0], expected)
