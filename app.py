@@ -9,6 +9,7 @@ Model loading and the cached forward pass live in :mod:`bilevel.serving`, the dr
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import threading
 from collections import OrderedDict
@@ -83,35 +84,66 @@ class ModelShelf:
             return self._loaded[key]
 
 
-class PictureGenerations:
-    """Which running analyses a page has moved past, so that their late results are not drawn.
+#: what a page asked to see: ("upload", file path) or ("example", name); None: nothing (the upload cleared)
+PictureSource = Optional[tuple[str, str]]
 
-    Per browser session, one generation for each kind of picture (``"upload"``, ``"example"``): an analysis notes
-    its kind's generation when it starts and is stale once that changed. The page moves both on when the upload
-    is cleared, and the other kind on when a picture is uploaded or an example picked. Only the page's own
-    (private) events move them, so an API call's result is always returned.
+
+class PageRequests:
+    """What each browser page (session) last asked to see, and the model it serves, so that an analysis the page has
+    moved past is not drawn over what came after it.
+
+    The page's own (private) events record each request as the user makes it: a picture uploaded, an example picked,
+    the upload cleared. An analysis takes the number of its page's latest request of its kind (recorded when the
+    user acted, however long it then waited in the queue) and is drawn only if that request is still the page's
+    newest and the page still serves the model it used. API calls record no request: their results always come back.
     """
 
-    KINDS = ("upload", "example")
-
     def __init__(self):
-        self._generations: dict[tuple[str, str], int] = {}
+        self._numbers = itertools.count(1)
+        self._latest: dict[str, tuple[int, PictureSource]] = {}
+        self._latest_of_kind: dict[tuple[str, str], int] = {}
+        self._models: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def current(self, session: Optional[str], kind: str) -> int:
+    def ask(self, session: str, kind: str, source: PictureSource) -> None:
+        """Record the page's newest request: ``kind`` "upload", "example" or "clear", showing ``source``."""
         with self._lock:
-            return self._generations.get((session, kind), 0)
+            number = next(self._numbers)
+            self._latest[session] = (number, source)
+            self._latest_of_kind[session, kind] = number
 
-    def move_on(self, session: Optional[str], *kinds: str) -> None:
+    def ticket(self, session: str, kind: str) -> Optional[int]:
+        """The number of the page's latest request of ``kind``; None for a session that made none (an API call)."""
         with self._lock:
-            for kind in kinds:
-                self._generations[session, kind] = self._generations.get((session, kind), 0) + 1
+            return self._latest_of_kind.get((session, kind))
 
-    def forget(self, session: Optional[str]) -> None:
-        """Drop a closed page's generations."""
+    def latest(self, session: str) -> tuple[Optional[int], PictureSource]:
+        """(number, source) of the page's newest request; (None, None) before any."""
         with self._lock:
-            for kind in self.KINDS:
-                self._generations.pop((session, kind), None)
+            return self._latest.get(session, (None, None))
+
+    def model_key(self, session: str) -> Optional[str]:
+        """The key of the model the session serves (None: the startup model)."""
+        with self._lock:
+            return self._models.get(session)
+
+    def serve_model(self, session: str, key: str) -> None:
+        with self._lock:
+            self._models[session] = key
+
+    def is_current(self, session: str, ticket: Optional[int], model_key: Optional[str]) -> bool:
+        """Whether an analysis of request ``ticket`` made with ``model_key`` is still what the page wants drawn."""
+        with self._lock:
+            return ticket is None or (self._latest.get(session, (None, None))[0] == ticket
+                                      and self._models.get(session) == model_key)
+
+    def forget(self, session: str) -> None:
+        """Drop a closed page's requests and model choice."""
+        with self._lock:
+            self._latest.pop(session, None)
+            self._models.pop(session, None)
+            for kind in [kind for owner, kind in self._latest_of_kind if owner == session]:
+                del self._latest_of_kind[session, kind]
 
 
 def display_picture(picture: Image.Image) -> np.ndarray:
@@ -205,27 +237,29 @@ def nearest(values: list[float], value: float) -> float:
     return min(values, key=lambda candidate: (abs(candidate - value), candidate))
 
 
-def corrected(component: type, asked: Optional[float], drawn: float, **update):
-    """An update of a control holding ``asked``: ``update``, and the value ``drawn`` where it differs. A value
-    the user is still changing is not written back, as that would undo their next key presses."""
-    if asked is not None and drawn != asked:
+def corrected(component: type, asked: Optional[float], drawn: float, write_back: bool = False, **update):
+    """An update of a control holding ``asked``: ``update``, and the value ``drawn`` where it differs (always, with
+    ``write_back``). A value the user is still changing is not written back, as that would undo their next key
+    presses."""
+    if write_back or (asked is not None and drawn != asked):
         update["value"] = drawn
     return component(**update)
 
 
-def choice_slider(values: list[int], asked: float, drawn: int) -> gr.Slider:
+def choice_slider(values: list[int], asked: float, drawn: int, write_back: bool = False) -> gr.Slider:
     """An update of a slider to range over the sorted ``values`` (fixed when there is one) and show ``drawn``."""
-    return corrected(gr.Slider, asked, drawn, minimum=values[0], maximum=max(values[-1], values[0] + 1),
+    return corrected(gr.Slider, asked, drawn, write_back, minimum=values[0], maximum=max(values[-1], values[0] + 1),
                      interactive=len(values) > 1)
 
 
 def routing_outputs(analysis: Optional[Analysis], stage: Optional[float], block: Optional[float],
-                    point_x: Optional[float], point_y: Optional[float]):
+                    point_x: Optional[float], point_y: Optional[float], write_back: bool = False):
     """(query point x, y, routes image, heat image, message, stage slider, block slider) of the query point
     (fractions of the image size; an emptied box counts as the centre, 0.5) on layer ``block`` of ``stage`` (an
     emptied box: the first).
 
-    Values out of range are moved to the nearest the model has (points into [0, 1]), and their controls show it.
+    Values out of range are moved to the nearest the model has (points into [0, 1]), and their controls show it;
+    with ``write_back``, the controls are set to the drawn values in any case.
     """
     if analysis is None:
         return (gr.Number(), gr.Number(), None, None, "Upload an image or pick an example first.", gr.Slider(),
@@ -239,8 +273,9 @@ def routing_outputs(analysis: Optional[Analysis], stage: Optional[float], block:
     drawn_block = nearest(blocks, blocks[0] if block is None else block)
     record = layers[drawn_stage, drawn_block]
     point = tuple(0.5 if value is None else min(max(value, 0.0), 1.0) for value in (point_x, point_y))
-    controls = (corrected(gr.Number, point_x, point[0]), corrected(gr.Number, point_y, point[1]))
-    sliders = (choice_slider(stages, stage, drawn_stage), choice_slider(blocks, block, drawn_block))
+    controls = tuple(corrected(gr.Number, asked, drawn, write_back) for asked, drawn in zip((point_x, point_y), point))
+    sliders = (choice_slider(stages, stage, drawn_stage, write_back),
+               choice_slider(blocks, block, drawn_block, write_back))
     layer = f"Stage {drawn_stage}, layer {drawn_block} ({record.module}"
     return *controls, *layer_view(display_picture(analysis.picture), record, point, layer), *sliders
 
@@ -277,9 +312,12 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
     shelf = ModelShelf(default)
     examples = builtin_examples()
     model_choices = list(EMBEDDED_MODELS) + list(bilevel.list_models())
-    generations = PictureGenerations()
+    requests = PageRequests()
 
-    def analysed(picture: Optional[Image.Image], model_key: str, stage: int, block: int, x: float, y: float):
+    def analysed(picture: Optional[Image.Image], model_key: Optional[str], stage: int, block: int, x: float,
+                 y: float):
+        """The analysis outputs of ``picture`` on the model ``model_key``, drawn at the given view (the controls are
+        set to what is drawn: a value changed while the network ran would otherwise disagree with the view)."""
         try:
             if picture is None:
                 raise ServingError("Upload an image or pick an example first.")
@@ -287,50 +325,58 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         except ServingError as error:
             gr.Warning(str(error))
             return no_analysis(f"**Could not analyse the image:** {error}")
-        *view, message, stage_slider, block_slider = routing_outputs(analysis, stage, block, x, y)
+        *view, message, stage_slider, block_slider = routing_outputs(analysis, stage, block, x, y, write_back=True)
         if shelf.get(model_key).random_weights:
             message += f" The model has {RANDOM_WEIGHTS_NOTE}."
         return analysis, *prediction_outputs(analysis), *view, message, stage_slider, block_slider
 
-    def analyse_upload(path, model_key, stage, block, x, y, request: gr.Request):
-        generation = generations.current(request.session_hash, "upload")
+    def analysed_source(source: PictureSource, model_key: Optional[str], stage, block, x, y):
+        """The analysis outputs of an uploaded file or a named example (:data:`PictureSource`)."""
+        kind, name = source
+        if kind == "example":
+            if name not in examples:
+                return no_analysis("Pick one of the listed examples.")
+            return analysed(examples[name](), model_key, stage, block, x, y)
         try:
-            picture = read_upload(path) if path else None
+            picture = read_upload(name)
         except ServingError as error:
             gr.Warning(str(error))
-            outputs = no_analysis(f"**Could not read the upload:** {error}")
-        else:
-            outputs = analysed(picture, model_key, stage, block, x, y)
-        return unless_stale(outputs, request.session_hash, "upload", generation)
+            return no_analysis(f"**Could not read the upload:** {error}")
+        return analysed(picture, model_key, stage, block, x, y)
 
-    def analyse_example(name, model_key, stage, block, x, y, request: gr.Request):
-        generation = generations.current(request.session_hash, "example")
-        if name in examples:
-            outputs = analysed(examples[name](), model_key, stage, block, x, y)
-        else:
-            outputs = no_analysis("Pick one of the listed examples.")
-        return unless_stale(outputs, request.session_hash, "example", generation)
+    def analyse_request(kind: str, name: Optional[str], stage, block, x, y, request: gr.Request):
+        session = request.session_hash
+        ticket, model_key = requests.ticket(session, kind), requests.model_key(session)
+        if name is None:
+            # a page re-sends a deferred upload with the box's value at that time: emptied since, it asks nothing
+            return nothing_new() if ticket is not None else no_analysis("Upload an image or pick an example first.")
+        outputs = analysed_source((kind, name), model_key, stage, block, x, y)
+        return outputs if requests.is_current(session, ticket, model_key) else nothing_new()
 
-    def unless_stale(outputs: tuple, session: Optional[str], kind: str, generation: int) -> tuple:
-        """``outputs``, or no change at all when the page moved past this analysis while it ran."""
-        if generations.current(session, kind) != generation:
-            return tuple(gr.skip() for _ in outputs)
-        return outputs
+    def analyse_upload(path, stage, block, x, y, request: gr.Request):
+        return analyse_request("upload", path, stage, block, x, y, request)
 
-    def uploaded(request: gr.Request):
-        generations.move_on(request.session_hash, "example")
+    def analyse_example(name, stage, block, x, y, request: gr.Request):
+        return analyse_request("example", name, stage, block, x, y, request)
+
+    def uploaded(path, request: gr.Request):
+        if path is None:
+            return gr.skip()
+        requests.ask(request.session_hash, "upload", ("upload", path))
         return gr.Dropdown(value=None)
 
-    def example_picked(request: gr.Request):
-        generations.move_on(request.session_hash, "upload")
+    def example_picked(name, request: gr.Request):
+        if name is None:
+            return gr.skip()
+        requests.ask(request.session_hash, "example", ("example", name))
         return None
 
     def cleared(request: gr.Request):
-        generations.move_on(request.session_hash, *PictureGenerations.KINDS)
+        requests.ask(request.session_hash, "clear", None)
         return no_analysis(START_MESSAGE)
 
     def page_closed(request: gr.Request):
-        generations.forget(request.session_hash)
+        requests.forget(request.session_hash)
 
     def clicked(analysis, stage, block, evt: gr.SelectData):
         if analysis is None or evt.index is None:
@@ -339,26 +385,37 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         x, y = (on_point_step((index + 0.5) / side) for index, side in zip(evt.index, (width, height)))
         return x, y, *routing_outputs(analysis, stage, block, x, y)[2:]
 
-    def load_model(choice, checkpoint_path, current_key, analysis, stage, block, x, y):
+    def load_model(choice, checkpoint_path, analysis, stage, block, x, y, request: gr.Request):
+        """Serve another model to this session and show the page's latest picture on it (for an API session, the
+        picture of its last analysis)."""
+        session = request.session_hash
         try:
             served = load_served_model(choice, checkpoint_path, label="the uploaded checkpoint")
             key = shelf.default.key if served.key == shelf.default.key else shelf.add(served)
         except ServingError as error:
             gr.Warning(str(error))
-            return (current_key, gr.Markdown(), analysis, gr.Label(), gr.Image(), gr.Number(), gr.Number(),
-                    gr.Image(), gr.Image(), f"**Could not load the model:** {error} (still serving the previous model)",
-                    gr.Slider(), gr.Slider())
-        if analysis is not None:
-            return key, describe_model(served), *analysed(analysis.picture, key, stage, block, x, y)
-        _, _, *outputs = no_analysis("Model loaded: upload an image or pick an example.")
-        return key, describe_model(served), None, gr.Label(value={}, label=served_predictions_label(served)), *outputs
+            *unchanged, _, stage_slider, block_slider = nothing_new()
+            return (gr.Markdown(), *unchanged,
+                    f"**Could not load the model:** {error} (still serving the previous model)", stage_slider,
+                    block_slider)
+        requests.serve_model(session, key)
+        number, source = requests.latest(session)
+        if source is not None:
+            outputs = analysed_source(source, key, stage, block, x, y)
+            if requests.latest(session)[0] != number:     # the page asked for something else meanwhile
+                outputs = nothing_new()
+        elif number is None and analysis is not None:
+            outputs = analysed(analysis.picture, key, stage, block, x, y)
+        else:
+            _, _, *cleared_view = no_analysis("Model loaded: upload an image or pick an example.")
+            outputs = (None, gr.Label(value={}, label=served_predictions_label(served)), *cleared_view)
+        return describe_model(served), *outputs
 
     # analytics off: the demo runs offline and reports nothing to Gradio's servers
     with gr.Blocks(title="bilevel: bi-level routing attention", analytics_enabled=False) as demo:
         gr.Markdown("# Bi-level routing attention, live\nUpload an image or pick an example: the model's top "
                     "classes, up to five (a segmentation model: its predicted mask), and for the region you click, "
                     "the regions its attention was routed to. Other models: the *Model* panel.")
-        model_key = gr.State(default.key)
         analysis = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -397,16 +454,21 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
 
         view_outputs = [point_x, point_y, routes, heat, status, stage, block]
         analysis_outputs = [analysis, predictions, mask_view] + view_outputs
+
+        def nothing_new() -> tuple:
+            """No change to any analysis output."""
+            return tuple(gr.skip() for _ in analysis_outputs)
+
         view = [analysis, stage, block, point_x, point_y]
         # the latest upload, example or click wins: one made while another is computing is not dropped.
         # A trigger's events run in turn, each after the one before has finished: the quick ones come first.
         # An analysis still running when the picture is cleared or replaced must not draw over the newer state; Gradio's
         # `cancels` would stop it, but (Gradio 6.31) can leave "Error" on every output, so the stale result is skipped.
-        upload.upload(uploaded, None, example, api_visibility="private")
-        upload.upload(analyse_upload, [upload, model_key, stage, block, point_x, point_y], analysis_outputs,
+        upload.upload(uploaded, upload, example, api_visibility="private")
+        upload.upload(analyse_upload, [upload, stage, block, point_x, point_y], analysis_outputs,
                       api_name="analyse_upload", trigger_mode="always_last")
-        example.input(example_picked, None, upload, api_visibility="private")
-        example.input(analyse_example, [example, model_key, stage, block, point_x, point_y], analysis_outputs,
+        example.input(example_picked, example, upload, api_visibility="private")
+        example.input(analyse_example, [example, stage, block, point_x, point_y], analysis_outputs,
                       api_name="analyse_example", trigger_mode="always_last")
         upload.clear(cleared, None, analysis_outputs, api_visibility="private")
         routes.select(clicked, [analysis, stage, block], view_outputs, api_visibility="private",
@@ -417,8 +479,8 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         gr.Button("Redraw", size="sm").click(routing_outputs, view, view_outputs, api_name="route")
         demo.load(None, js=NAME_FILE_UPLOADS_JS, api_visibility="private")
         demo.unload(page_closed)
-        load.click(load_model, [choice, checkpoint, model_key, analysis, stage, block, point_x, point_y],
-                   [model_key, model_info] + analysis_outputs, api_name="load_model")
+        load.click(load_model, [choice, checkpoint, analysis, stage, block, point_x, point_y],
+                   [model_info] + analysis_outputs, api_name="load_model")
     return demo
 
 

@@ -58,6 +58,24 @@ def pick_example(page, name: str) -> None:
     page.get_by_role("option", name=name, exact=True).click()
 
 
+def load_model_in_page(page, name: str) -> None:
+    """Choose ``name`` in the Model panel and press Load model."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    page.wait_for_selector("#model-panel", timeout=60_000)
+    choice = page.locator("#model-choice input")
+    for _ in range(5):          # the panel opens once the page's scripts handle clicks
+        page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
+        try:
+            choice.wait_for(state="visible", timeout=3000)
+            break
+        except PlaywrightTimeoutError:
+            continue
+    choice.click()
+    page.get_by_role("option", name=name, exact=True).click()
+    page.get_by_role("button", name="Load model").click()
+
+
 def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp_path):
     url, predictor = launched_app
     with opened_app(url, height=1000) as page:
@@ -194,6 +212,48 @@ def test_an_example_picked_while_an_upload_is_analysed_wins(launched_app, monkey
         finish_gated_run(page, predictor, release)
         assert watch_for_error_badges(page, 1.0) == 0, "outputs marked Error"
         assert page.locator(ROUTES_IMAGE).get_attribute("src") == routes, "the upload's late result replaced the example"
+        box = page.locator(ROUTES_IMAGE).bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
+        page.get_by_text("query region 0 of the 8x8 grid").wait_for(timeout=30_000)   # the example's analysis kept
+
+
+def test_an_upload_resent_after_the_box_was_emptied_changes_nothing(launched_app, monkeypatch, tmp_path):
+    """Upload A (running), Clear, upload B (Gradio holds it back until A ends), pick an example: when A ends, Gradio
+    sends the held upload again with the box's value then (empty), which must leave the example in place."""
+    url, predictor = launched_app
+    started, release = gated_first_run(predictor, monkeypatch)
+    with opened_app(url, height=1000) as page:
+        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "a.png", 10)))
+        assert started.wait(60), "the analysis did not start"
+        page.locator(UPLOAD_CLEAR).click()
+        page.locator(UPLOAD_CLEAR).wait_for(state="detached", timeout=30_000)
+        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "b.png", 11)))
+        page.locator(UPLOAD_CLEAR).wait_for(timeout=30_000)
+        pick_example(page, "shapes: cross")
+        routes = page.wait_for_selector(ROUTES_IMAGE, timeout=60_000).get_attribute("src")
+        finish_gated_run(page, predictor, release)
+        assert watch_for_error_badges(page, 2.0) == 0, "outputs marked Error"
+        page.wait_for_function(NOTHING_IN_PROGRESS, timeout=30_000)
+        assert page.locator(ROUTES_IMAGE).get_attribute("src") == routes, "the example was replaced"
+        assert page.locator("#example input").input_value() == "shapes: cross"
+        assert page.get_by_text("Could not analyse", exact=False).count() == 0
+
+
+def test_a_model_loaded_while_an_upload_is_analysed_shows_that_upload_on_the_new_model(launched_app, monkeypatch,
+                                                                                        tmp_path):
+    """The upload's late result from the previous model is not drawn under the new model's name."""
+    url, predictor = launched_app
+    started, release = gated_first_run(predictor, monkeypatch)
+    with opened_app(url, height=1400) as page:
+        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "a.png", 12)))
+        assert started.wait(60), "the analysis did not start"
+        load_model_in_page(page, "biformer_tiny")
+        page.get_by_text("Top-5 predictions", exact=True).wait_for(timeout=120_000)   # 1000 classes, not the 4 shapes
+        page.wait_for_selector(ROUTES_IMAGE, timeout=60_000)
+        finish_gated_run(page, predictor, release)
+        assert watch_for_error_badges(page, 1.0) == 0, "outputs marked Error"
+        assert page.get_by_text("Top-5 predictions", exact=True).count() == 1
+        assert page.get_by_text("Top-4 predictions", exact=True).count() == 0, "the previous model's result was drawn"
 
 
 def test_an_upload_empties_the_example_choice_at_once_and_is_drawn(launched_app, monkeypatch, tmp_path):
@@ -212,23 +272,10 @@ def test_an_upload_empties_the_example_choice_at_once_and_is_drawn(launched_app,
 
 
 def test_choosing_the_segmentation_model_shows_the_mask_with_a_legend(launched_app, shape_pictures, tmp_path):
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
     from bilevel.serving import EMBEDDED_SEGMENTATION_MODEL
 
     with opened_app(launched_app[0], height=1400) as page:
-        page.wait_for_selector("#model-panel", timeout=60_000)
-        choice = page.locator("#model-choice input")
-        for _ in range(5):          # the panel opens once the page's scripts handle clicks
-            page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
-            try:
-                choice.wait_for(state="visible", timeout=3000)
-                break
-            except PlaywrightTimeoutError:
-                continue
-        choice.click()
-        page.get_by_role("option", name=EMBEDDED_SEGMENTATION_MODEL).click()
-        page.get_by_role("button", name="Load model").click()
+        load_model_in_page(page, EMBEDDED_SEGMENTATION_MODEL)
         page.get_by_text("segmentation: 5 classes").wait_for(timeout=60_000)
         for name in ("Upload an image", "Checkpoint (official .pth or bilevel fit .ckpt)"):
             assert page.get_by_role("button", name=name, exact=True).count() == 1, f"no file upload named {name!r}"

@@ -70,7 +70,7 @@ def test_a_layer_the_stage_lacks_is_moved_into_it_and_shown(launched_app, shape_
     user = Client(launched_app[0], verbose=False)
     user.predict(handle_file(str(shape_pictures["square"])), 2, 7, 0.5, 0.5, api_name="/analyse_upload")
     *_, message, stage, block = user.predict("biformer_tiny", None, 2, 7, 0.5, 0.5, api_name="/load_model")
-    assert message.startswith("Stage 2, layer 7 ") and block["maximum"] == 7 and "value" not in block
+    assert message.startswith("Stage 2, layer 7 ") and block["maximum"] == 7 and value(block) == 7
     *_, message, stage, block = user.predict(0, 7, 0.5, 0.5, api_name="/route")
     assert message.startswith("Stage 0, layer 1 ") and (block["maximum"], value(block)) == (1, 1)
     assert "value" not in stage
@@ -251,3 +251,26 @@ def test_a_busy_port_ends_in_one_line_naming_the_option(embedded, shapes_root, m
     assert capsys.readouterr().err == (f"app.py: port {port} on 127.0.0.1 is in use (or 127.0.0.1 is not an address "
                                        f'of this machine): choose another with --port (make demo DEMO_ARGS="--port '
                                        f'{port + 1}")\n')
+
+
+def test_page_requests_keep_what_the_user_asked_last():
+    """A page's analysis is drawn only if its request, recorded when the user acted (not when the queue got to
+    it), is still the newest and the page still serves the model it used; API sessions are always answered."""
+    import app
+
+    requests = app.PageRequests()
+    requests.ask("page", "upload", ("upload", "/tmp/a.png"))
+    upload = requests.ticket("page", "upload")
+    assert requests.is_current("page", upload, None)
+    requests.ask("page", "example", ("example", "shapes: cross"))    # picked while the upload waited or ran
+    example = requests.ticket("page", "example")
+    assert not requests.is_current("page", upload, None) and requests.is_current("page", example, None)
+    assert requests.latest("page") == (example, ("example", "shapes: cross"))
+    requests.serve_model("page", "biformer_tiny")
+    assert not requests.is_current("page", example, None), "made on the previous model"
+    assert requests.is_current("page", example, "biformer_tiny")
+    requests.ask("page", "clear", None)
+    assert requests.latest("page")[1] is None and not requests.is_current("page", example, "biformer_tiny")
+    assert requests.ticket("api", "upload") is None and requests.is_current("api", None, "anything")
+    requests.forget("page")
+    assert requests.latest("page") == (None, None) and requests.ticket("page", "upload") is None
