@@ -153,6 +153,12 @@ def noise_picture(path: Path, seed: int) -> Path:
     return path
 
 
+def upload_held(page, picture: Path, started: threading.Event) -> None:
+    """Upload ``picture`` and wait until its (held) network run has started."""
+    page.locator("input[type=file]").first.set_input_files(str(picture))
+    assert started.wait(60), "the analysis did not start"
+
+
 def watch_for_error_badges(page, seconds: float) -> int:
     """The most "Error" badges seen on the page while sampling it for ``seconds``."""
     most, deadline = 0, time.monotonic() + seconds
@@ -180,8 +186,7 @@ def test_clearing_while_the_analysis_runs_keeps_the_page_cleared(launched_app, m
     url, predictor = launched_app
     started, release = gated_first_run(predictor, monkeypatch)
     with opened_app(url, height=1000) as page:
-        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "noise.png", 7)))
-        assert started.wait(60), "the analysis did not start"
+        upload_held(page, noise_picture(tmp_path / "noise.png", 7), started)
         page.locator(UPLOAD_CLEAR).click()
         page.locator(UPLOAD_CLEAR).wait_for(state="detached", timeout=30_000)
         badges_while_running = watch_for_error_badges(page, 2.0)
@@ -202,8 +207,7 @@ def test_an_example_picked_while_an_upload_is_analysed_wins(launched_app, monkey
     url, predictor = launched_app
     started, release = gated_first_run(predictor, monkeypatch)
     with opened_app(url, height=1000) as page:
-        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "noise.png", 8)))
-        assert started.wait(60), "the analysis did not start"
+        upload_held(page, noise_picture(tmp_path / "noise.png", 8), started)
         pick_example(page, "shapes: triangle")
         page.locator(UPLOAD_CLEAR).wait_for(state="detached", timeout=30_000)
         page.get_by_text("triangle", exact=True).first.wait_for(timeout=60_000)
@@ -223,8 +227,7 @@ def test_an_upload_resent_after_the_box_was_emptied_changes_nothing(launched_app
     url, predictor = launched_app
     started, release = gated_first_run(predictor, monkeypatch)
     with opened_app(url, height=1000) as page:
-        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "a.png", 10)))
-        assert started.wait(60), "the analysis did not start"
+        upload_held(page, noise_picture(tmp_path / "a.png", 10), started)
         page.locator(UPLOAD_CLEAR).click()
         page.locator(UPLOAD_CLEAR).wait_for(state="detached", timeout=30_000)
         page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "b.png", 11)))
@@ -245,8 +248,7 @@ def test_a_model_loaded_while_an_upload_is_analysed_shows_that_upload_on_the_new
     url, predictor = launched_app
     started, release = gated_first_run(predictor, monkeypatch)
     with opened_app(url, height=1400) as page:
-        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "a.png", 12)))
-        assert started.wait(60), "the analysis did not start"
+        upload_held(page, noise_picture(tmp_path / "a.png", 12), started)
         load_model_in_page(page, "biformer_tiny")
         page.get_by_text("Top-5 predictions", exact=True).wait_for(timeout=120_000)   # 1000 classes, not the 4 shapes
         page.wait_for_selector(ROUTES_IMAGE, timeout=60_000)
@@ -263,8 +265,7 @@ def test_an_upload_empties_the_example_choice_at_once_and_is_drawn(launched_app,
         page.get_by_text("square", exact=True).first.wait_for(timeout=60_000)
         routes = page.wait_for_selector(ROUTES_IMAGE, timeout=60_000).get_attribute("src")
         started, release = gated_first_run(predictor, monkeypatch)
-        page.locator("input[type=file]").first.set_input_files(str(noise_picture(tmp_path / "noise.png", 9)))
-        assert started.wait(60), "the analysis did not start"
+        upload_held(page, noise_picture(tmp_path / "noise.png", 9), started)
         page.wait_for_function(EXAMPLE_EMPTY, timeout=30_000)
         finish_gated_run(page, predictor, release)
         page.wait_for_function(CHANGED, arg=[ROUTES_IMAGE, routes], timeout=30_000)
