@@ -312,7 +312,7 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
     shelf = ModelShelf(default)
     examples = builtin_examples()
     model_choices = list(EMBEDDED_MODELS) + list(bilevel.list_models())
-    requests = PageRequests()
+    pages = PageRequests()
 
     def analysed(picture: Optional[Image.Image], model_key: Optional[str], stage: int, block: int, x: float,
                  y: float):
@@ -346,12 +346,12 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
 
     def analyse_request(kind: str, name: Optional[str], stage, block, x, y, request: gr.Request):
         session = request.session_hash
-        ticket, model_key = requests.ticket(session, kind), requests.model_key(session)
+        ticket, model_key = pages.ticket(session, kind), pages.model_key(session)
         if name is None:
             # a page re-sends a deferred upload with the box's value at that time: emptied since, it asks nothing
             return nothing_new() if ticket is not None else no_analysis("Upload an image or pick an example first.")
         outputs = analysed_source((kind, name), model_key, stage, block, x, y)
-        return outputs if requests.is_current(session, ticket, model_key) else nothing_new()
+        return outputs if pages.is_current(session, ticket, model_key) else nothing_new()
 
     def analyse_upload(path, stage, block, x, y, request: gr.Request):
         return analyse_request("upload", path, stage, block, x, y, request)
@@ -362,21 +362,21 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
     def uploaded(path, request: gr.Request):
         if path is None:
             return gr.skip()
-        requests.ask(request.session_hash, "upload", ("upload", path))
+        pages.ask(request.session_hash, "upload", ("upload", path))
         return gr.Dropdown(value=None)
 
     def example_picked(name, request: gr.Request):
         if name is None:
             return gr.skip()
-        requests.ask(request.session_hash, "example", ("example", name))
+        pages.ask(request.session_hash, "example", ("example", name))
         return None
 
     def cleared(request: gr.Request):
-        requests.ask(request.session_hash, "clear", None)
+        pages.ask(request.session_hash, "clear", None)
         return no_analysis(START_MESSAGE)
 
     def page_closed(request: gr.Request):
-        requests.forget(request.session_hash)
+        pages.forget(request.session_hash)
 
     def clicked(analysis, stage, block, evt: gr.SelectData):
         if analysis is None or evt.index is None:
@@ -398,11 +398,11 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
             return (gr.Markdown(), *unchanged,
                     f"**Could not load the model:** {error} (still serving the previous model)", stage_slider,
                     block_slider)
-        requests.serve_model(session, key)
-        number, source = requests.latest(session)
+        pages.serve_model(session, key)
+        number, source = pages.latest(session)
         if source is not None:
             outputs = analysed_source(source, key, stage, block, x, y)
-            if requests.latest(session)[0] != number:     # the page asked for something else meanwhile
+            if pages.latest(session)[0] != number:     # the page asked for something else meanwhile
                 outputs = nothing_new()
         elif number is None and analysis is not None:
             outputs = analysed(analysis.picture, key, stage, block, x, y)
