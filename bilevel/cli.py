@@ -21,6 +21,7 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from .data.images import DatasetError, ImageReadError
 from .data.scan import first_few
@@ -111,6 +112,27 @@ def require_same_classes(path: Union[str, Path], hparams: dict[str, Any], datamo
                           "trained on (the same class folders, or classes.txt), or a checkpoint trained on this data")
 
 
+def _last_checkpoint_of_earlier_runs(trainer) -> Optional[Path]:
+    """What ``--ckpt_path last`` means when each run logs into its own ``version_<n>`` folder: the newest
+    ``version_<n>/checkpoints/last.ckpt`` under the logger's folder. None when checkpoints go elsewhere (a set
+    ``dirpath``, which Lightning searches itself, or no logger folder).
+    raises: CheckpointError naming the folder when no earlier run saved a ``last.ckpt``.
+    """
+    callback, root = trainer.checkpoint_callback, getattr(trainer.logger, "root_dir", None)
+    if callback is None or callback.dirpath is not None or root is None:
+        return None
+
+    def version(path: Path) -> int:
+        number = path.parents[1].name.removeprefix("version_")
+        return int(number) if number.isdigit() else -1
+
+    saved = sorted(Path(root).glob("version_*/checkpoints/last.ckpt"), key=version)
+    if not saved:
+        raise CheckpointError(f"--ckpt_path last: no earlier run under {root} saved a last.ckpt "
+                              "(version_<n>/checkpoints/last.ckpt), so there is nothing to resume")
+    return saved[-1]
+
+
 def _names_a_local_file(ckpt_path: str) -> bool:
     """False for the ``--ckpt_path`` values Lightning resolves itself: best/last/hpc, registry[:name], URLs."""
     return (ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not ckpt_path.lower().startswith("registry")
@@ -142,14 +164,21 @@ class BilevelCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def _restore_from_ckpt_path(self, subcommand: str) -> None:
-        """Check ``--ckpt_path`` (a Lightning checkpoint of the data's class count) and hand it to the trainer before
-        the run starts.
+        """Check ``--ckpt_path`` (a Lightning checkpoint of the data's class count; ``last``: the newest earlier run's
+        ``last.ckpt``) and hand it to the trainer before the run starts.
 
         Set as ``trainer.ckpt_path``, it is known when the model's ``setup`` runs, so the model skips its
         ``checkpoint_path`` start weights (restoring happens after ``setup``).
         """
         config = self.config_init[subcommand]
         ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last" and (last := _last_checkpoint_of_earlier_runs(self.trainer)) is not None:
+            rank_zero_info(f"--ckpt_path last: {last}")
+            ckpt_path = str(last)
+            if last.is_file():      # a sharded FSDP folder is checked below
+                self._checkpoint_hparams = require_lightning_checkpoint(ckpt_path, resume=subcommand == "fit")
+                require_same_task(ckpt_path, self._checkpoint_hparams,
+                                  self.config[subcommand].get("model", {}).get("class_path"))
         if ckpt_path is None or not _names_a_local_file(str(ckpt_path)):
             return
         hparams = self._checkpoint_hparams

@@ -211,6 +211,23 @@ def test_the_embedded_demo_checkpoint_predicts_through_lightning_and_is_refused_
         main(["fit", "--config", demo, "--ckpt_path", str(EMBEDDED_CHECKPOINT), *QUICK])
 
 
+def test_ckpt_path_last_resumes_the_newest_earlier_run(tmp_path, monkeypatch, bilevel_cache):
+    """Each run logs into its own version_<n> folder, where Lightning's own search for ``last`` finds nothing: the
+    newest earlier run's last.ckpt is taken, and with none a one-line error says so (not a silent fresh start)."""
+    short = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BILEVEL_CACHE", str(bilevel_cache))
+    with pytest.raises(CheckpointError, match="--ckpt_path last: no earlier run under .*quickstart_classification"):
+        main(["fit", "--config", CONFIG, "--ckpt_path", "last", *short, *QUICK])
+    for epochs in ("1", "2"):
+        run_bilevel(["fit", "--config", CONFIG, "--trainer.max_epochs", epochs, *short], tmp_path, bilevel_cache)
+    resumed = run_bilevel(["fit", "--config", CONFIG, "--trainer.max_epochs", "3", "--ckpt_path", "last", *short],
+                          tmp_path, bilevel_cache)
+    newest = RUN_DIR / "version_1" / "checkpoints" / "last.ckpt"
+    assert f"Restored all states from the checkpoint at {newest}" in resumed.stdout + resumed.stderr
+    assert read_checkpoint(tmp_path / RUN_DIR / "version_2" / "checkpoints" / "last.ckpt")["epoch"] == 2
+
+
 class _Unreadable(torch.utils.data.Dataset):
     def __init__(self, path: Path):
         self.path = path
