@@ -62,8 +62,8 @@ def require_lightning_checkpoint(path: Union[str, Path], sharded_ok: bool = Fals
                               f"To start from these weights, pass --model.checkpoint_path {path}")
     if resume and "optimizer_states" not in checkpoint:
         raise CheckpointError(f"{path} holds a model's weights without the training state (saved weights-only, or "
-                              "exported for serving): `bilevel fit --ckpt_path` resumes a run from where it stopped. To start a new "
-                              f"run from these weights, pass --model.checkpoint_path {path}")
+                              "exported for serving): `bilevel fit --ckpt_path` resumes a run from where it stopped. "
+                              f"To start a new run from these weights, pass --model.checkpoint_path {path}")
     return dict(checkpoint.get("hyper_parameters") or {})
 
 
@@ -158,10 +158,15 @@ class BilevelCLI(LightningCLI):
         if ckpt_path is not None and _names_a_local_file(str(ckpt_path)) and not Path(ckpt_path).expanduser().exists():
             raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file or folder")
         if ckpt_path is not None and Path(ckpt_path).expanduser().is_file():
-            self._checkpoint_hparams = require_lightning_checkpoint(ckpt_path, resume=subcommand == "fit")
-            require_same_task(ckpt_path, self._checkpoint_hparams,
-                              self.config[subcommand].get("model", {}).get("class_path"))
+            self._check_checkpoint_file(subcommand, ckpt_path)
         super()._parse_ckpt_path()
+
+    def _check_checkpoint_file(self, subcommand: str, ckpt_path: Union[str, Path]) -> None:
+        """Read and check a ``--ckpt_path`` file: a Lightning checkpoint (holding the training state for ``fit``) of
+        the run's task; keep its hyperparameters."""
+        self._checkpoint_hparams = require_lightning_checkpoint(ckpt_path, resume=subcommand == "fit")
+        require_same_task(ckpt_path, self._checkpoint_hparams,
+                          self.config[subcommand].get("model", {}).get("class_path"))
 
     def _restore_from_ckpt_path(self, subcommand: str) -> None:
         """Check ``--ckpt_path`` (a Lightning checkpoint of the data's class count; ``last``: the newest earlier run's
@@ -176,9 +181,7 @@ class BilevelCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path last: {last}")
             ckpt_path = str(last)
             if last.is_file():      # a sharded FSDP folder is checked below
-                self._checkpoint_hparams = require_lightning_checkpoint(ckpt_path, resume=subcommand == "fit")
-                require_same_task(ckpt_path, self._checkpoint_hparams,
-                                  self.config[subcommand].get("model", {}).get("class_path"))
+                self._check_checkpoint_file(subcommand, ckpt_path)
         if ckpt_path is None or not _names_a_local_file(str(ckpt_path)):
             return
         hparams = self._checkpoint_hparams

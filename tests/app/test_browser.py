@@ -215,7 +215,7 @@ def test_an_example_picked_while_an_upload_is_analysed_wins(launched_app, monkey
         routes = page.locator(ROUTES_IMAGE).get_attribute("src")
         finish_gated_run(page, predictor, release)
         assert watch_for_error_badges(page, 1.0) == 0, "outputs marked Error"
-        assert page.locator(ROUTES_IMAGE).get_attribute("src") == routes, "the upload's late result replaced the example"
+        assert page.locator(ROUTES_IMAGE).get_attribute("src") == routes, "the upload's late result was drawn"
         box = page.locator(ROUTES_IMAGE).bounding_box()
         page.mouse.click(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
         page.get_by_text("query region 0 of the 8x8 grid").wait_for(timeout=30_000)   # the example's analysis kept

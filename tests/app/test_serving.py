@@ -174,8 +174,8 @@ def test_official_mmseg_checkpoint_is_refused_with_the_way_to_fine_tune_from_it(
     torch.save({"meta": {"hook_msgs": {"best_score": np.float64(0.5)}}, "state_dict": state, "optimizer": {}}, path)
     expected = ("the uploaded checkpoint is an official mmseg segmentation checkpoint, whose heads bilevel does not "
                 "rebuild: fine-tune from it with bilevel fit --config lightning_configs/<family>_segmentation.yaml "
-                "--model.model_name <its variant> --model.checkpoint_path <this file> --model.stage_norms true (BiFormer, DeBiFormer) and serve that "
-                "run's checkpoint")
+                "--model.model_name <its variant> --model.checkpoint_path <this file> --model.stage_norms true "
+                "(BiFormer, DeBiFormer) and serve that run's checkpoint")
     for name in ("biformer_tiny", None):
         with pytest.raises(ServingError) as caught:
             load_served_model(name, path, label="the uploaded checkpoint")
