@@ -27,6 +27,7 @@ from .data.images import DatasetError, ImageReadError
 from .data.scan import first_few
 from .models._pyramid import InputSizeError
 from .models.loading import SHARDED_METADATA_FILE, CheckpointError, is_sharded_checkpoint, read_checkpoint
+from .tasks.base import SettingsMismatchError
 from .tasks.writers import PredictionWriter
 
 __all__ = ["BilevelCLI", "INPUT_ERRORS", "console_main", "main", "require_lightning_checkpoint", "require_same_task",
@@ -35,8 +36,9 @@ __all__ = ["BilevelCLI", "INPUT_ERRORS", "console_main", "main", "require_lightn
 #: ``--ckpt_path`` values Lightning resolves itself rather than reading a file of that name
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc")
 #: errors whose message names the bad file or argument: a checkpoint that cannot be used, a dataset problem
-#: found by the scan, an image that cannot be read (with the scan off), an image the model cannot take
-INPUT_ERRORS = (CheckpointError, DatasetError, ImageReadError, InputSizeError)
+#: found by the scan, an image that cannot be read (with the scan off), an image the model cannot take, two
+#: settings that contradict each other
+INPUT_ERRORS = (CheckpointError, DatasetError, ImageReadError, InputSizeError, SettingsMismatchError)
 #: how a DataLoader worker's error message ends: the worker's traceback, whose last line is the original error
 _WORKER_TRACEBACK = "Original Traceback"
 
@@ -224,9 +226,27 @@ def console_main() -> None:
     stderr and exit status 2, as argparse reports a bad option, instead of a traceback."""
     try:
         main()
-    except INPUT_ERRORS as error:
-        print(f"bilevel: error: {_input_error_message(error)}", file=sys.stderr)
+    except Exception as error:
+        bad_input = _input_error_behind(error)
+        if bad_input is None:
+            raise
+        print(f"bilevel: error: {_input_error_message(bad_input)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _input_error_behind(error: BaseException) -> Optional[BaseException]:
+    """``error``, or the error it was raised from, that is bad input (:data:`INPUT_ERRORS`); None if there is none.
+
+    jsonargparse re-raises an error of a data module's or model's constructor as a ValueError about "Union
+    subtypes", with the original as its cause.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, INPUT_ERRORS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _input_error_message(error: Exception) -> str:

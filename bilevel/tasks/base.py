@@ -12,7 +12,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..models.loading import load_pretrained_weights, read_backbone_weights
 from .optim import ParameterPlan, build_optimizer, parameter_plan
 
-__all__ = ["FineTuningTask"]
+__all__ = ["FineTuningTask", "SettingsMismatchError"]
+
+
+class SettingsMismatchError(ValueError):
+    """Two settings of a run contradict each other; the message names both command-line options."""
 
 
 class FineTuningTask(LightningModule):

@@ -18,7 +18,7 @@ from ..models.debiformer import DeBiFormer
 from ..models.heads import create_head
 from ..models.loading import (CheckpointError, classifier_prefixes, load_pretrained_weights, load_weights,
                               read_backbone_weights, split_stage_norms)
-from .base import FineTuningTask
+from .base import FineTuningTask, SettingsMismatchError
 
 __all__ = ["STAGE_NORM_EPS", "SemanticSegmenter", "sliding_window_logits"]
 
@@ -111,8 +111,8 @@ class SemanticSegmenter(FineTuningTask):
         """Refuse an ignore index other than the data module's, then load the start weights."""
         data_ignore_index = getattr(self.trainer.datamodule, "ignore_index", None)
         if data_ignore_index is not None and data_ignore_index != self.hparams.ignore_index:
-            raise ValueError(f"--model.ignore_index is {self.hparams.ignore_index} but --data.ignore_index is "
-                             f"{data_ignore_index}: set both to the label of the pixels to leave out")
+            raise SettingsMismatchError(f"--model.ignore_index is {self.hparams.ignore_index} but --data.ignore_index "
+                                        f"is {data_ignore_index}: set both to the label of the pixels to leave out")
         super().setup(stage)
 
     def load_start_weights(self, path: str) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 import csv
 import functools
 import shutil
+import sys
 from pathlib import Path
 
 import lightning
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 import bilevel
 from bilevel import cli
@@ -228,6 +231,24 @@ def test_ckpt_path_last_resumes_the_newest_earlier_run(tmp_path, monkeypatch, bi
     assert read_checkpoint(tmp_path / RUN_DIR / "version_2" / "checkpoints" / "last.ckpt")["epoch"] == 2
 
 
+def test_last_ckpt_holds_the_final_epoch_when_the_metric_stops_improving(tmp_path, bilevel_cache):
+    """A monitored callback rewrites its last.ckpt only when its metric improves (Lightning 2.6), which left the best
+    epoch there: the config's unmonitored ``last`` checkpoint keeps the latest state, to resume where a run stopped.
+    Here the monitored callback watches the epoch number for a minimum, so the first epoch stays the best."""
+    settings = yaml.safe_load(Path(CONFIG).read_text())
+    [monitored] = [callback["init_args"] for callback in settings["trainer"]["callbacks"]
+                   if callback.get("init_args", {}).get("monitor")]
+    monitored.update(monitor="epoch", mode="min")
+    config = tmp_path / "never_improves.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    short = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    run_bilevel(["fit", "--config", str(config), "--trainer.max_epochs", "3", *short], tmp_path, bilevel_cache)
+    checkpoints = tmp_path / RUN_DIR / "version_0" / "checkpoints"
+    assert [path.name for path in checkpoints.glob("best-*.ckpt")] == ["best-epoch=00.ckpt"]
+    last = read_checkpoint(checkpoints / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+
+
 class _Unreadable(torch.utils.data.Dataset):
     def __init__(self, path: Path):
         self.path = path
@@ -249,3 +270,20 @@ def test_an_image_unreadable_in_a_loader_worker_is_one_line_of_error(tmp_path, m
     error = capsys.readouterr().err
     assert exited.value.code == 2 and error.startswith(f"bilevel: error: {broken}: cannot read this image")
     assert error.count("\n") == 1
+
+
+def test_a_data_error_found_while_the_data_module_is_made_is_one_line_of_error(tmp_path, monkeypatch, capsys):
+    """jsonargparse re-raises an error of the data module's constructor as a ValueError about "Union subtypes": the
+    command still reports the data module's own message, as it does for errors found later."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(root / split / "cat" / "0.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bilevel", "fit", "--config", CONFIG, "--data.root", str(root), *QUICK,
+                                      "--data", "bilevel.data.ImageFolderDataModule"])
+    with pytest.raises(SystemExit) as exited:
+        cli.console_main()
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in error and "Union" not in error
+    assert error.splitlines()[-1].startswith(f"bilevel: error: {root}: only one class folder (cat)")

@@ -41,6 +41,19 @@ def test_every_family_has_a_classification_and_a_segmentation_config():
             assert (CONFIGS / f"{family}_{task}.yaml").is_file(), f"{family}_{task}.yaml"
 
 
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_config_keeps_the_best_and_the_latest_state(config):
+    """A monitored checkpoint's ``save_last`` rewrites last.ckpt only when the metric improves (Lightning 2.6), so the
+    latest state, to resume from, has its own unmonitored checkpoint named last (a run of it:
+    test_cli_classification.py::test_last_ckpt_holds_the_final_epoch_when_the_metric_stops_improving)."""
+    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    checkpoints = [callback.get("init_args", {}) for callback in callbacks
+                   if callback["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"]
+    monitored = [arguments for arguments in checkpoints if arguments.get("monitor")]
+    assert len(monitored) == 1 and not monitored[0].get("save_last")
+    assert [arguments for arguments in checkpoints if not arguments.get("monitor")] == [{"filename": "last"}]
+
+
 @pytest.mark.parametrize("config", FAMILY_CONFIGS, ids=lambda path: path.stem)
 def test_config_instantiates_with_classes_from_the_data(config, tmp_path, monkeypatch):
     settings = yaml.safe_load(config.read_text())

@@ -2,6 +2,7 @@
 prediction masks."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import bilevel
-from bilevel.cli import main
+from bilevel.cli import console_main
 from bilevel.data import SegmentationFolderDataModule
 from bilevel.models.heads import HEADS, create_head
 from bilevel.tasks import PredictionWriter, SemanticSegmenter, sliding_window_logits
@@ -186,10 +187,15 @@ def test_start_weights_skip_the_pruned_norm_and_classifier(tmp_path):
         torch.testing.assert_close(value, official[key], msg=key)
 
 
-def test_ignore_index_on_one_side_only_is_named_before_lightning_merges_hparams(tmp_path, monkeypatch, bilevel_cache):
+def test_ignore_index_on_one_side_only_is_one_line_of_error_before_lightning_merges_hparams(tmp_path, monkeypatch,
+                                                                                          bilevel_cache, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BILEVEL_CACHE", str(bilevel_cache))
-    args = ["fit", "--config", str(CONFIGS / "quickstart_segmentation.yaml"), "--data.ignore_index", "0",
-            "--trainer.max_steps", "1", *QUICK]
-    with pytest.raises(ValueError, match="--model.ignore_index is 255 but --data.ignore_index is 0"):
-        main(args)
+    monkeypatch.setattr(sys, "argv", ["bilevel", "fit", "--config", str(CONFIGS / "quickstart_segmentation.yaml"),
+                                      "--data.ignore_index", "0", "--trainer.max_steps", "1", *QUICK])
+    with pytest.raises(SystemExit) as exited:
+        console_main()
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in error
+    assert error.splitlines()[-1] == ("bilevel: error: --model.ignore_index is 255 but --data.ignore_index is 0: "
+                                      "set both to the label of the pixels to leave out")
