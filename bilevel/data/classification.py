@@ -10,9 +10,9 @@ from lightning import LightningDataModule
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
-from .images import folder_files, read_image
-from .scan import (DatasetError, check_common_arguments, check_images, class_folders, require_argument, require_folder,
-                   warn_unlisted)
+from .images import folder_files, is_visible, read_image
+from .scan import (DatasetError, check_common_arguments, check_images, class_folders, first_few, require_argument,
+                   require_folder, sub_folders, warn_unlisted)
 from .shapes import builtin_shapes
 from .transforms import model_data_config
 
@@ -76,6 +76,28 @@ def prediction_paths(predict_root: Optional[str], default: Sequence[Path], scan:
     return paths
 
 
+#: split folder names in other spellings (lower case): a root of such folders is no folder of classes
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing", "eval", "dev")
+
+
+def _misnamed_splits(root: Path) -> dict[str, set[str]]:
+    """The folders of ``root`` (name -> the names of their sub-folders) when they look like split folders named
+    otherwise than ``train``/``val`` (``Train/``, ``validation/``): one at least is named like a split, and each
+    holds no image of its own, only sub-folders, some of whose names another one shares. Empty otherwise."""
+    folders = sub_folders(root)
+    if len(folders) < 2 or not any(name.lower() in SPLIT_NAMES for name in folders):
+        return {}
+    contents = {}
+    for name, folder in folders.items():
+        if folder_files(folder).images:
+            return {}
+        contents[name] = set(sub_folders(folder))
+    for name, inside in contents.items():
+        if not any(inside & other for other_name, other in contents.items() if other_name != name):
+            return {}
+    return contents
+
+
 def _labelled(classes: dict[str, list[Path]], names: Sequence[str]) -> list[tuple[Path, int]]:
     """(image, label) of every image of ``classes`` (name -> images), label = the name's index in ``names``."""
     return [(path, label) for label, name in enumerate(names) for path in classes.get(name, [])]
@@ -101,11 +123,12 @@ class ImageFolderDataModule(LightningDataModule):
     root: a folder with ``train/`` and ``val/`` class folders, or (with ``val_fraction``) one folder of
         class folders, each split with the fixed ``split_seed`` in the same proportion (stratified). ``train/`` is
         taken as the split folder when there is a ``val/`` or it holds sub-folders; otherwise it is a class like
-        any other. Images in sub-folders of a class folder (links followed) belong to that class; hidden files and
+        any other. Split folders named otherwise (``Train/``, ``validation/``...: see ``_misnamed_splits``) are
+        refused. Images in sub-folders of a class folder (links followed) belong to that class; hidden files and
         folders are skipped; ``val/`` may lack some classes. A warning names the files left out: those that are not
         images by name, and images lying outside the class folders.
     model_name: the backbone, for its mean/std/input size (linked from the model by ``bilevel`` CLI).
-    image_size: overrides the backbone's input size.
+    image_size: overrides the backbone's input size; refused when smaller than ``model_name`` accepts.
     predict_root: images to predict on (``bilevel predict``); default: the validation images.
     ``num_classes`` and ``class_names`` are known as soon as the module exists, so the CLI hands them to the model.
     raises: DatasetError naming the folder, or the argument, that cannot be used.
@@ -122,7 +145,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.scale, self.hflip, self.auto_augment = tuple(scale), hflip, auto_augment
         self.predict_root, self.scan = predict_root, scan
-        check_common_arguments(image_size, self.scale, hflip, batch_size, num_workers)
+        check_common_arguments(model_name, image_size, self.scale, hflip, batch_size, num_workers)
         self.root = Path(root).expanduser()
         require_folder(self.root, "dataset root")
         self.data_config = model_data_config(model_name, image_size)
@@ -150,10 +173,23 @@ class ImageFolderDataModule(LightningDataModule):
         """``root/train/`` is the training split, not a class: there is a ``val/``, or it holds sub-folders."""
         train_dir = self.root / "train"
         return train_dir.is_dir() and ((self.root / "val").is_dir() or any(
-            entry.is_dir() and not entry.name.startswith(".") for entry in train_dir.iterdir()))
+            entry.is_dir() and is_visible(entry.name) for entry in train_dir.iterdir()))
+
+    def _refuse_misnamed_splits(self) -> None:
+        """A DatasetError naming the folders of the root when they look like split folders (``_misnamed_splits``),
+        which would otherwise be taken as classes named after the splits."""
+        splits = _misnamed_splits(self.root)
+        if splits:
+            shared = sorted(set.union(*splits.values()))
+            raise DatasetError(f"{self.root}: the folders {', '.join(sorted(splits))} look like split folders (each "
+                               f"holds no image of its own but class folders that another shares: {first_few(shared)}),"
+                               " so they would be taken as classes named after the splits; name the split folders "
+                               f"exactly {self.root}/train/<class> and {self.root}/val/<class>, or put the class "
+                               f"folders directly in {self.root} to split them with val_fraction")
 
     def _find_samples(self):
         if not self._is_split_layout():
+            self._refuse_misnamed_splits()
             classes = class_folders(self.root)
             names = sorted(classes)
             return (*self._split(classes, names), names)

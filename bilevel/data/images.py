@@ -21,7 +21,7 @@ from torch import Tensor
 
 __all__ = ["IMAGE_SUFFIXES", "JPEG_SUFFIXES", "QUARTER_TURNS", "ImageReadError", "DatasetError", "read_image",
            "read_mask", "check_image", "stored_orientation", "image_to_tensor", "load_image_tensor", "FolderFiles",
-           "folder_files", "list_images"]
+           "is_visible", "folder_files", "list_images"]
 
 PathLike = Union[str, Path]
 
@@ -29,8 +29,9 @@ PathLike = Union[str, Path]
 _UNDECODED_FORMATS = ("EPS", "MPEG")
 #: formats Pillow opens through another one's reader (MPO, the multi-picture JPEG of many cameras)
 _OPENED_AS = {"MPO": "JPEG"}
-#: files never meant as pictures that Windows leaves in image folders (ignored like hidden files)
-_SYSTEM_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini")
+#: files and folders never meant as pictures that Windows, and macOS zip archives, leave in image folders (ignored
+#: like hidden files; lower case)
+_SYSTEM_NAMES = ("thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx")
 #: EXIF orientations that turn the picture by 90 degrees (displayed width and height swap)
 QUARTER_TURNS = (5, 6, 7, 8)
 #: the check decodes at 1/8 of the size where the format allows it (JPEG): that still reads all the data,
@@ -201,6 +202,16 @@ def read_image(path: PathLike) -> Image.Image:
         raise _read_error(path, error) from None
 
 
+def _gray_rgb_hint(mask: Image.Image) -> str:
+    """How to save an RGB mask whose three channels are equal (class indices saved as gray RGB) as one channel."""
+    if mask.mode != "RGB":
+        return ""
+    pixels = np.asarray(mask)
+    if not ((pixels[..., 0] == pixels[..., 1]) & (pixels[..., 1] == pixels[..., 2])).all():
+        return ""
+    return "; its three channels are equal, so save it as one channel: Image.open(p).convert(\"L\").save(p)"
+
+
 def read_mask(path: PathLike) -> np.ndarray:
     """Read a label mask (single-channel or palette PNG) as an (H, W) integer array of class indices.
 
@@ -212,7 +223,7 @@ def read_mask(path: PathLike) -> np.ndarray:
     mask = _open_decoded(path)
     if mask.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
         raise ImageReadError(f"{path}: a mask must be a single-channel or palette PNG of class indices, "
-                             f"this one has mode {mask.mode!r}")
+                             f"this one has mode {mask.mode!r}{_gray_rgb_hint(mask)}")
     return np.asarray(mask).astype(np.int64)
 
 
@@ -238,8 +249,9 @@ class FolderFiles(NamedTuple):
     others: list[Path]
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(".") and name.lower() not in _SYSTEM_FILES
+def is_visible(name: str) -> bool:
+    """Whether a file or folder of this name is looked at: not hidden, and not one the system leaves behind."""
+    return not name.startswith(".") and name.lower() not in _SYSTEM_NAMES
 
 
 def _walk(folder: PathLike, recursive: bool):
@@ -252,7 +264,7 @@ def _walk(folder: PathLike, recursive: bool):
             sub_folders[:] = []
             continue
         visited.add(real)
-        sub_folders[:] = [name for name in sub_folders if _visible(name)] if recursive else []
+        sub_folders[:] = [name for name in sub_folders if is_visible(name)] if recursive else []
         yield Path(current), names
 
 
@@ -261,12 +273,12 @@ def folder_files(folder: PathLike, recursive: bool = False) -> FolderFiles:
     sorted by path.
 
     Images are the files whose name ends in one of :data:`IMAGE_SUFFIXES` (any case). Hidden files and folders
-    (``.ipynb_checkpoints``...) and Windows' ``Thumbs.db``/``desktop.ini`` are in neither list.
+    (``.ipynb_checkpoints``...), Windows' ``Thumbs.db``/``desktop.ini`` and macOS' ``__MACOSX`` are in neither list.
     raises: DatasetError naming a broken symbolic link with an image file name.
     """
     images, others = [], []
     for current, names in _walk(folder, recursive):
-        for name in filter(_visible, names):
+        for name in filter(is_visible, names):
             path = current / name
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 others.append(path)

@@ -18,13 +18,13 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities import rank_zero_warn
 from tqdm import tqdm
 
-from .images import (QUARTER_TURNS, DatasetError, ImageReadError, check_image, folder_files, read_mask,
+from .images import (QUARTER_TURNS, DatasetError, ImageReadError, check_image, folder_files, is_visible, read_mask,
                      stored_orientation)
-from .transforms import train_labels
+from .transforms import smallest_input_size, train_labels
 
 __all__ = ["DatasetError", "MaskValues", "require_folder", "require_argument", "check_common_arguments", "first_few",
-           "warn_left_out", "warn_unlisted", "class_folders", "check_images", "check_segmentation_pairs",
-           "implied_class_count", "check_mask_classes"]
+           "warn_left_out", "warn_unlisted", "sub_folders", "class_folders", "check_images", "mask_problems",
+           "check_segmentation_pairs", "implied_class_count", "check_mask_classes"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -41,6 +41,8 @@ SHOWN = 5
 
 def require_folder(path: Path, what: str) -> Path:
     """``path`` if it is a folder, else a DatasetError saying what was expected there."""
+    if path.is_file():
+        raise DatasetError(f"{path}: the {what} is a file, not a folder")
     if not path.is_dir():
         raise DatasetError(f"{path}: missing {what} (expected a folder here)")
     return path
@@ -52,11 +54,16 @@ def require_argument(valid: bool, name: str, value: Any, expected: str) -> None:
         raise DatasetError(f"{name}={value!r}: {expected}")
 
 
-def check_common_arguments(image_size: Optional[int], scale: Sequence[float], hflip: float, batch_size: int,
-                           num_workers: int) -> None:
-    """The arguments both folder data modules take, each in its range (a DatasetError names the first that is not)."""
+def check_common_arguments(model_name: Optional[str], image_size: Optional[int], scale: Sequence[float], hflip: float,
+                           batch_size: int, num_workers: int) -> None:
+    """The arguments both folder data modules take, each in its range (a DatasetError names the first that is not);
+    ``image_size`` no smaller than the model ``model_name`` accepts, when it is known."""
     require_argument(image_size is None or image_size >= 1, "image_size", image_size,
                      "must be a side of 1 pixel or more")
+    if image_size is not None and model_name is not None:
+        smallest = smallest_input_size(model_name)
+        require_argument(image_size >= smallest, "image_size", image_size,
+                         f"must be at least {smallest} for {model_name} (its smallest input side, in pixels)")
     require_argument(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "scale", tuple(scale),
                      "must be (smallest, largest) fraction of the picture's area kept by the random crop, "
                      "with 0 < smallest <= largest <= 1")
@@ -83,11 +90,11 @@ def warn_unlisted(others: Sequence[Path]) -> None:
                           "reads); give the images among them such an ending")
 
 
-def _class_folder_paths(split_dir: Path) -> dict[str, Path]:
+def sub_folders(split_dir: Path) -> dict[str, Path]:
     """Class name (Unicode NFC, as Linux and Windows write it) -> folder, for the visible sub-folders of a split."""
     folders = {}
     for entry in sorted(split_dir.iterdir()):
-        if entry.is_dir() and not entry.name.startswith("."):
+        if entry.is_dir() and is_visible(entry.name):
             name = unicodedata.normalize("NFC", entry.name)
             if name in folders:
                 raise DatasetError(f"{split_dir}: the class folders {folders[name].name!r} and {entry.name!r} have "
@@ -104,7 +111,7 @@ def class_folders(split_dir: Path) -> dict[str, list[Path]]:
     raises: DatasetError when there is no class folder, or one holds no image.
     """
     require_folder(split_dir, "split folder")
-    folders = _class_folder_paths(split_dir)
+    folders = sub_folders(split_dir)
     loose = folder_files(split_dir).images
     if not folders:
         hint = " (the images directly in it belong to no class)" if loose else ""
@@ -155,8 +162,12 @@ def check_images(paths: Sequence[Path], description: str = "checking images") ->
     _raise_problems([found for found in _checked(problem, paths, description) if found is not None])
 
 
-def _size_problem(image_path: Path, mask_path: Path, mask_size: tuple[int, int], image_size: tuple[int, int]) -> str:
-    """The message for a mask of another size than its image, saying when the image's EXIF orientation turns it."""
+def _size_problems(image_path: Path, mask_path: Path, mask: np.ndarray, image_size: tuple[int, int]) -> list[str]:
+    """The message for a mask of another size than its image's displayed ``image_size`` (saying when the image's
+    EXIF orientation turns it); none when the sizes agree."""
+    mask_size = (mask.shape[1], mask.shape[0])
+    if mask_size == image_size:
+        return []
     message = (f"{mask_path}: mask size {mask_size[0]}x{mask_size[1]} differs from its image {image_path.name} "
                f"({image_size[0]}x{image_size[1]})")
     orientation = stored_orientation(image_path)
@@ -164,29 +175,49 @@ def _size_problem(image_path: Path, mask_path: Path, mask_size: tuple[int, int],
         message += (f": {image_path.name} is stored as {mask_size[0]}x{mask_size[1]}, but its EXIF orientation "
                     f"{orientation} displays it as {image_size[0]}x{image_size[1]}; masks must match the picture as "
                     "displayed (turn the mask, or save the image upright without the orientation tag)")
-    return message
+    return [message]
 
 
-def _pair_problems(image_path: Path, mask_path: Path, num_classes: Optional[int], ignore_index: int,
-                   reduce_zero_label: bool) -> tuple[list[str], MaskValues]:
-    """(what is wrong with one image/mask pair, the pixel count of each value stored in its mask)."""
+def _quoted_label(label: int, reduce_zero_label: bool) -> str:
+    """A training label as a message names it: with ``reduce_zero_label``, with the value stored in the mask file."""
+    if reduce_zero_label:
+        return f"label {label} (stored value {label + 1}, lowered by one by reduce_zero_label)"
+    return f"label {label}"
+
+
+def _label_problems(mask_path: Path, stored: np.ndarray, num_classes: int, ignore_index: int,
+                    reduce_zero_label: bool, range_source: str = "") -> list[str]:
+    """What is wrong with the values ``stored`` in a mask: a negative label, or one outside ``num_classes`` that is
+    not the ignore index (``range_source`` says where that range comes from)."""
+    labels = train_labels(stored, ignore_index, reduce_zero_label)
+    labels = labels[labels != ignore_index]
+    problems = []
+    if labels.size and labels.min() < 0:
+        problems.append(f"{mask_path}: negative label {int(labels.min())} in the mask")
+    if labels.size and labels.max() >= num_classes:
+        problems.append(f"{mask_path}: {_quoted_label(int(labels.max()), reduce_zero_label)} is outside the class "
+                        f"range 0..{num_classes - 1}{range_source} (and is not the ignore index {ignore_index})")
+    return problems
+
+
+def mask_problems(image_path: Path, image_size: tuple[int, int], mask_path: Path, mask: np.ndarray,
+                  num_classes: int, ignore_index: int, reduce_zero_label: bool) -> list[str]:
+    """What is wrong with a mask already read, each naming it: its size against its image's displayed
+    ``image_size``, and its labels against ``num_classes``."""
+    return (_size_problems(image_path, mask_path, mask, image_size)
+            + _label_problems(mask_path, mask, num_classes, ignore_index, reduce_zero_label))
+
+
+def _pair_problems(image_path: Path, mask_path: Path) -> tuple[list[str], MaskValues]:
+    """(what is wrong with the files of one image/mask pair, the pixel count of each value stored in its mask); its
+    labels are checked once the class range is known."""
     try:
         image_size = check_image(image_path)
         mask = read_mask(mask_path)
     except ImageReadError as error:
         return [str(error)], {}
-    problems = []
-    if (mask.shape[1], mask.shape[0]) != image_size:
-        problems.append(_size_problem(image_path, mask_path, (mask.shape[1], mask.shape[0]), image_size))
     values, pixels = np.unique(mask, return_counts=True)
-    labels = train_labels(values, ignore_index, reduce_zero_label)
-    labels = labels[labels != ignore_index]
-    if labels.size and labels.min() < 0:
-        problems.append(f"{mask_path}: negative label {int(labels.min())} in the mask")
-    if labels.size and num_classes is not None and labels.max() >= num_classes:
-        problems.append(f"{mask_path}: label {int(labels.max())} is outside the class range "
-                        f"0..{num_classes - 1} (and is not the ignore index {ignore_index})")
-    return problems, dict(zip(values.tolist(), pixels.tolist()))
+    return _size_problems(image_path, mask_path, mask, image_size), dict(zip(values.tolist(), pixels.tolist()))
 
 
 def _label_pixels(mask_values: Iterable[MaskValues], ignore_index: int, reduce_zero_label: bool) -> Counter:
@@ -202,17 +233,27 @@ def _label_pixels(mask_values: Iterable[MaskValues], ignore_index: int, reduce_z
 
 def check_segmentation_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: Optional[int],
                              ignore_index: int, reduce_zero_label: bool,
-                             description: str = "checking images and masks") -> list[MaskValues]:
+                             description: str = "checking images and masks",
+                             counted: Optional[int] = None) -> list[MaskValues]:
     """Check image/mask pairs: readable, same size, labels within [0, num_classes) or the ignore index.
 
+    num_classes: None for the count the labels of the first ``counted`` pairs imply (:func:`implied_class_count`;
+        all pairs when ``counted`` is None), which the other pairs' labels are then checked against.
     returns: the pixel count of each value stored in each mask, in the order of ``pairs``.
     raises: one DatasetError listing every problem, each naming its file; also when every mask holds
         only the ignore index.
     """
-    checked = _checked(lambda pair: _pair_problems(*pair, num_classes, ignore_index, reduce_zero_label), pairs,
-                       description)
+    checked = _checked(lambda pair: _pair_problems(*pair), pairs, description)
     problems = [problem for found, _ in checked for problem in found]
     mask_values = [values for _, values in checked]
+    range_source = ""
+    if num_classes is None:
+        num_classes = implied_class_count(mask_values[:counted], ignore_index, reduce_zero_label)
+        range_source = (" that the training masks' largest label implies (root/classes.txt or --data.classes "
+                        "can name more classes)")
+    for (_, mask_path), values in zip(pairs, mask_values):
+        problems += _label_problems(mask_path, np.array(list(values), dtype=np.int64), num_classes, ignore_index,
+                                    reduce_zero_label, range_source)
     if not problems and pairs and not _label_pixels(mask_values, ignore_index, reduce_zero_label):
         folders = ", ".join(sorted({str(mask_path.parent) for _, mask_path in pairs}))
         problems.append(f"{folders}: every mask holds only the ignore index {ignore_index}, so there is no "
@@ -246,6 +287,24 @@ def _ignore_index_marks_objects(mask_values: Sequence[MaskValues], labels: Count
     return ignore_index >= num_classes and ignored > sum(pixels for label, pixels in labels.items() if label != 0)
 
 
+def _sparse_labels_message(pairs: Sequence[tuple[Path, Path]], mask_values: Sequence[MaskValues], ignore_index: int,
+                           reduce_zero_label: bool, mask_folder: Path, implied: int, absent: int) -> str:
+    """The error for masks whose largest label implies ``implied`` classes, most of them ``absent`` (a stray value,
+    or classes scaled for visibility as 0/85/170): the values found, and the masks holding those beyond a numbering
+    0, 1, 2, ... of the values found."""
+    stored = sorted({value for values in mask_values for value in values})
+    label_of = {value: int(train_labels(np.array(value), ignore_index, reduce_zero_label)) for value in stored}
+    kept = [value for value in stored if label_of[value] != ignore_index]
+    outliers = [value for value in kept if label_of[value] >= len(kept)]
+    holding = [str(mask_path.relative_to(mask_folder)) for (_, mask_path), values in zip(pairs, mask_values)
+               if set(values) & set(outliers)]
+    return (f"{mask_folder}: the training masks hold the values {first_few(kept)} (the ignore index left out), "
+            f"whose largest implies {implied} classes, {absent} of which never occur (more than half); the values "
+            f"{first_few(outliers)} are in {len(holding)} mask(s) ({first_few(holding)}). Classes must be numbered "
+            "0, 1, 2, ...: rewrite those masks (a stray value, or classes scaled for visibility such as 0/85/170), "
+            "or name the classes in root/classes.txt or --data.classes if so many are really absent")
+
+
 def check_mask_classes(pairs: Sequence[tuple[Path, Path]], mask_values: Sequence[MaskValues],
                        class_names: Sequence[str], ignore_index: int, reduce_zero_label: bool,
                        mask_folder: Path, names_implied: bool) -> None:
@@ -256,6 +315,7 @@ def check_mask_classes(pairs: Sequence[tuple[Path, Path]], mask_values: Sequence
     (``names_implied``: no names given) and the ignore index seems to mark the objects
     (:func:`_ignore_index_marks_objects`): the message then says how to rewrite the masks. Named classes are
     trusted: void borders (the ignore index around objects, as VOC draws them) may outnumber small objects.
+    Implied classes more than half of which never occur are an error too (:func:`_sparse_labels_message`).
     """
     labels = _label_pixels(mask_values, ignore_index, reduce_zero_label)
     present = [name for label, name in enumerate(class_names) if labels[label]]
@@ -272,5 +332,8 @@ def check_mask_classes(pairs: Sequence[tuple[Path, Path]], mask_values: Sequence
         holding = [str(mask_path.relative_to(mask_folder)) for (_, mask_path), values in zip(pairs, mask_values)
                    if ignore_index in values]
         raise DatasetError(f"{mask_folder}: {problem}. {_ignore_index_hint(holding, ignore_index, len(class_names))}")
+    if names_implied and 2 * len(absent) > len(class_names):
+        raise DatasetError(_sparse_labels_message(pairs, mask_values, ignore_index, reduce_zero_label, mask_folder,
+                                                  len(class_names), len(absent)))
     rank_zero_warn(f"{mask_folder}: {problem}, so the model cannot learn them; check the masks, and the class names "
                    "(--data.classes or root/classes.txt)")

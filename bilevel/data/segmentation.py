@@ -7,7 +7,8 @@ The image folders may hold sub-folders (Cityscapes' cities): ``images/<sub>/x.jp
 Masks hold class indices (single-channel or palette PNG, or another lossless format; never JPEG); 255 is
 ignored. Class names come from ``classes``, else ``root/classes.txt`` (one per line, in label order; with
 ``reduce_zero_label`` its first line, the name of label 0, is dropped), else ``class_0 ...`` up to the largest
-label. At least two classes must occur in the training masks; a class that never occurs there gets a warning.
+training label (an error when more than half of those never occur). At least two classes must occur in the
+training masks; a class that never occurs there gets a warning.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from .classification import UnlabelledImages, drop_last_batch, prediction_paths, world_size
 from .images import JPEG_SUFFIXES, folder_files, image_to_tensor, list_images, read_image, read_mask
 from .scan import (DatasetError, MaskValues, check_common_arguments, check_mask_classes, check_segmentation_pairs,
-                   implied_class_count, require_argument, require_folder, warn_unlisted)
+                   first_few, implied_class_count, mask_problems, require_argument, require_folder, warn_left_out,
+                   warn_unlisted)
 from .shapes import builtin_shapes
 from .transforms import SegmentationTransform, model_data_config
 
@@ -36,18 +39,28 @@ LAYOUTS = {
 
 
 class SegmentationPairs(Dataset):
-    """(image path, mask path) pairs; items are (image (3, S, S), labels (S, S) int64)."""
+    """(image path, mask path) pairs; items are (image (3, S, S), labels (S, S) int64).
 
-    def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: SegmentationTransform):
+    Each item's mask is checked against its image's size and the ``num_classes`` labels (a DatasetError names the
+    mask), so a dataset read without the scan stops at a bad mask, not at a cryptic error later or a stretched mask.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: SegmentationTransform, num_classes: int):
         self.pairs = list(pairs)
         self.transform = transform
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int):
         image_path, mask_path = self.pairs[index]
-        return self.transform(read_image(image_path), read_mask(mask_path))
+        image, mask = read_image(image_path), read_mask(mask_path)
+        problems = mask_problems(image_path, image.size, mask_path, mask, self.num_classes, self.transform.ignore_index,
+                                 self.transform.reduce_zero_label)
+        if problems:
+            raise DatasetError("; ".join(problems))
+        return self.transform(image, mask)
 
 
 def _name_key(path: Path, folder: Path) -> str:
@@ -71,7 +84,7 @@ def _by_name(paths: Sequence[Path], folder: Path) -> dict[str, Path]:
 def pair_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     """Pair every image with the mask of the same name in the same sub-folder (``images/a/x.jpg``, ``masks/a/x.png``).
 
-    Files of the image folder that are not images by name are named in a warning.
+    Files of the image folder that are not images by name, and masks without an image, are named in a warning.
     raises: DatasetError naming an image without a mask, files sharing a name, or a JPEG mask.
     """
     require_folder(image_dir, "image folder")
@@ -87,11 +100,14 @@ def pair_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
         raise DatasetError(f"{lossy[0]}: masks must be lossless (PNG, or BMP/TIFF): JPEG compression changes the "
                            f"class indices along edges ({len(lossy)} JPEG mask(s) in {mask_dir}; save them as PNG)")
     masks = _by_name(mask_files, mask_dir)
+    image_keys = {_name_key(path, image_dir) for path in images}
     missing = [path for path in images if _name_key(path, image_dir) not in masks]
     if missing:
         expected = mask_dir / Path(_name_key(missing[0], image_dir)).parent
         raise DatasetError(f"{missing[0]}: no mask with the same name in {expected} "
                            f"({len(missing)} image(s) without a mask)")
+    warn_left_out([path for key, path in masks.items() if key not in image_keys],
+                  f"as no image in {image_dir} has the same name (a renamed or deleted image?)")
     return [(path, masks[_name_key(path, image_dir)]) for path in images]
 
 
@@ -113,7 +129,7 @@ class SegmentationFolderDataModule(LightningDataModule):
         self.scale, self.hflip = tuple(scale), hflip
         self.batch_size, self.num_workers = batch_size, num_workers
         self.predict_root, self.scan = predict_root, scan
-        check_common_arguments(image_size, self.scale, hflip, batch_size, num_workers)
+        check_common_arguments(model_name, image_size, self.scale, hflip, batch_size, num_workers)
         require_argument(layout in LAYOUTS, "layout", layout, f"must be one of {sorted(LAYOUTS)}")
         self.root = Path(root).expanduser()
         require_folder(self.root, "dataset root")
@@ -121,7 +137,7 @@ class SegmentationFolderDataModule(LightningDataModule):
         self.train_pairs, self.val_pairs = (pair_by_stem(*(self.root / part for part in LAYOUTS[layout][split]))
                                             for split in ("train", "val"))
         self.train_mask_dir = self.root / LAYOUTS[layout]["train"][1]
-        # the values of each training mask, once the scan has read them (the class count may need them here)
+        # the values of each training mask, once the scan has read them (counting the classes reads every mask here)
         self._train_mask_values: Optional[list[MaskValues]] = None
         self.class_names = self._class_names(classes)
         if self._train_mask_values is not None:
@@ -141,17 +157,25 @@ class SegmentationFolderDataModule(LightningDataModule):
         names = [line.strip() for line in names_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not names:
             raise DatasetError(f"{names_file}: no class names in it")
-        return names[1:] if self.reduce_zero_label else names
+        if not self.reduce_zero_label:
+            return names
+        dropped = (f"{names_file}: reduce_zero_label ignores the value 0 and lowers the others by one, so the first "
+                   f"name, {names[0]!r}, is dropped as the name of value 0")
+        if len(names) < 2:
+            raise DatasetError(f"{dropped}, and no class is left")
+        rank_zero_info(f"{dropped}; the classes are {first_few(names[1:])} (value 1 is {names[1]!r})")
+        return names[1:]
 
     def _class_names(self, given: Optional[list[str]]) -> list[str]:
-        """``given``, else those of classes.txt, else ``class_<i>`` up to the largest training label (the training
-        masks are then scanned here)."""
+        """``given``, else those of classes.txt, else ``class_<i>`` up to the largest training label (every mask is
+        then scanned here, the validation ones against that count)."""
         names = list(given) if given else self._names_file()
         self.names_implied = names is None
         if names is None:
-            self._train_mask_values = check_segmentation_pairs(self.train_pairs, None, self.ignore_index,
-                                                               self.reduce_zero_label,
-                                                               "counting classes in the training masks")
+            mask_values = check_segmentation_pairs(self.train_pairs + self.val_pairs, None, self.ignore_index,
+                                                   self.reduce_zero_label, "counting classes in the masks",
+                                                   counted=len(self.train_pairs))
+            self._train_mask_values = mask_values[:len(self.train_pairs)]
             count = implied_class_count(self._train_mask_values, self.ignore_index, self.reduce_zero_label)
             return [f"class_{index}" for index in range(count)]
         if len(names) < 2:
@@ -179,13 +203,15 @@ class SegmentationFolderDataModule(LightningDataModule):
             return
         if self.scan:
             self._scan(stage)
-        self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True))
-        self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False))
+        self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True), self.num_classes)
+        self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False), self.num_classes)
 
     def _scan(self, stage: str) -> None:
-        """Check the pairs ``stage`` reads: for fit, the training ones too (unless read already), whose classes are
-        then checked against the class names."""
-        scan_train = stage == "fit" and self._train_mask_values is None
+        """Check the pairs ``stage`` reads (none when counting the classes read them all): for fit, the training ones
+        too, whose classes are then checked against the class names."""
+        if self.names_implied:
+            return
+        scan_train = stage == "fit"
         pairs = self.train_pairs + self.val_pairs if scan_train else self.val_pairs
         mask_values = check_segmentation_pairs(pairs, self.num_classes, self.ignore_index, self.reduce_zero_label)
         if scan_train:

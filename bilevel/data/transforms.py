@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ["ModelDataConfig", "model_data_config", "train_labels", "SegmentationTransform"]
+__all__ = ["ModelDataConfig", "model_data_config", "smallest_input_size", "train_labels", "SegmentationTransform"]
 
 
 def train_labels(mask: np.ndarray, ignore_index: int = 255, reduce_zero_label: bool = False) -> np.ndarray:
@@ -37,6 +38,14 @@ class ModelDataConfig:
     crop_pct: float = 0.875
 
 
+def _require_registered(model_name: str) -> None:
+    """A ValueError naming the available models unless ``model_name`` is one (importing them registers them)."""
+    from ..models import MODEL_NAMES
+
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model_name!r}; available: {sorted(MODEL_NAMES)}")
+
+
 def model_data_config(model_name: Optional[str], image_size: Optional[int] = None) -> ModelDataConfig:
     """Mean/std/input size from the registered model's ``pretrained_cfg``; ``image_size`` overrides the size."""
     if model_name is None:
@@ -44,10 +53,7 @@ def model_data_config(model_name: Optional[str], image_size: Optional[int] = Non
     else:
         from timm.models import get_pretrained_cfg
 
-        from ..models import MODEL_NAMES  # importing the families registers them with timm
-
-        if model_name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {model_name!r}; available: {sorted(MODEL_NAMES)}")
+        _require_registered(model_name)
         cfg = get_pretrained_cfg(model_name)
         cfg = cfg.to_dict() if cfg is not None else {}
         config = ModelDataConfig(mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
@@ -57,6 +63,18 @@ def model_data_config(model_name: Optional[str], image_size: Optional[int] = Non
     if image_size is not None:
         config = ModelDataConfig(config.mean, config.std, int(image_size), config.crop_pct)
     return config
+
+
+@lru_cache(maxsize=None)
+def smallest_input_size(model_name: str) -> int:
+    """The smallest image side the registered model ``model_name`` accepts, whatever its arguments: its class's
+    (the total stride of its stages). Arguments may ask for more (BiFormer-STL NCHW's region grid), which the model
+    checks at its first forward. The model is built on the meta device: no memory, no weights."""
+    import timm
+
+    _require_registered(model_name)
+    with torch.device("meta"):
+        return type(timm.create_model(model_name)).min_input_size
 
 
 class SegmentationTransform:

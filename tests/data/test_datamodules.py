@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -315,7 +317,8 @@ def test_masks_holding_only_the_ignore_index_are_named(tmp_path):
     root = _segmentation_tree(tmp_path)
     for mask in root.glob("*/masks/*.png"):
         _mask(mask, np.full((40, 40), 255))
-    with pytest.raises(DatasetError, match=f"{root / 'train' / 'masks'}: every mask holds only the ignore index 255"):
+    with pytest.raises(DatasetError, match=f"{root / 'train' / 'masks'}, {root / 'val' / 'masks'}: every mask holds "
+                                           "only the ignore index 255"):
         SegmentationFolderDataModule(str(root))
 
 
@@ -515,3 +518,139 @@ def test_class_folder_names_written_decomposed_match(tmp_path):
     data = ImageFolderDataModule(str(root), num_workers=0)
     assert data.class_names == ["caf\u00e9", "dog"]
     assert {(path.parent.name, label) for path, label in data.val_samples} == {("cafe\u0301", 0)}
+
+
+@pytest.mark.parametrize("splits", [("Train", "Val"), ("training", "validation", "test")])
+def test_split_folders_named_otherwise_are_refused_not_taken_as_classes(tmp_path, splits):
+    root = _class_tree(tmp_path, splits=splits)
+    with pytest.raises(DatasetError, match=f"{root}: the folders {', '.join(sorted(splits))} look like split folders "
+                                           r"\(.*: cat, dog\).* exactly .*/train/<class> and .*/val/<class>"):
+        ImageFolderDataModule(str(root), num_workers=0)
+
+
+def test_classes_sorted_into_sub_folders_of_the_same_names_stay_classes(tmp_path):
+    root = tmp_path / "pets"
+    for name in ("cat", "dog"):
+        _class_tree(root / name, classes=("indoor", "outdoor"), splits=(".",))
+    data = ImageFolderDataModule(str(root), num_workers=0)
+    assert data.class_names == ["cat", "dog"] and len(data.train_samples) + len(data.val_samples) == 12
+
+
+def _unscanned_item_error(root: Path, split: str, **arguments) -> str:
+    data = SegmentationFolderDataModule(str(root), image_size=32, num_workers=0, scan=False, **arguments)
+    data.setup("fit")
+    dataset = data.train_dataset if split == "train" else data.val_dataset
+    with pytest.raises(DatasetError) as raised:
+        for index in range(len(dataset)):
+            dataset[index]
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_without_the_scan_a_mask_of_another_size_is_named_when_read(tmp_path, split):
+    root = _segmentation_tree(tmp_path)
+    bad = _mask(root / split / "masks" / "1.png", np.zeros((30, 40)))
+    message = _unscanned_item_error(root, split, classes=["a", "b"])
+    assert message == f"{bad}: mask size 40x30 differs from its image 1.jpg (40x40)"
+
+
+def test_without_the_scan_a_label_outside_the_class_range_is_named_when_read(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    bad = _mask(root / "val" / "masks" / "0.png", np.full((40, 40), 7))
+    message = _unscanned_item_error(root, "val", classes=["a", "b"])
+    assert message == f"{bad}: label 7 is outside the class range 0..1 (and is not the ignore index 255)"
+
+
+def test_under_reduce_zero_label_an_out_of_range_label_quotes_the_stored_value(tmp_path):
+    root = _segmentation_tree(tmp_path, layout="ade20k", label=3)
+    (root / "classes.txt").write_text("other\nwall\nfloor\n")
+    data = SegmentationFolderDataModule(str(root), layout="ade20k", reduce_zero_label=True, num_workers=0)
+    with pytest.raises(DatasetError, match=r"0.png: label 2 \(stored value 3, lowered by one by reduce_zero_label\) "
+                                           r"is outside the class range 0..1"):
+        data.setup("fit")
+
+
+def test_reduce_zero_label_says_which_name_of_classes_txt_it_drops(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    root = _segmentation_tree(tmp_path, layout="ade20k", label=2)
+    (root / "classes.txt").write_text("bg\nroad\ncar\n")
+    with caplog.at_level(logging.INFO):
+        data = SegmentationFolderDataModule(str(root), layout="ade20k", reduce_zero_label=True, num_workers=0)
+    assert data.class_names == ["road", "car"]
+    assert "so the first name, 'bg', is dropped as the name of value 0; the classes are road, car" in caplog.text
+
+
+def test_reduce_zero_label_with_a_single_name_in_classes_txt_is_named(tmp_path):
+    root = _segmentation_tree(tmp_path, layout="ade20k", label=2)
+    (root / "classes.txt").write_text("road\n")
+    with pytest.raises(DatasetError, match="classes.txt: reduce_zero_label .* 'road', is dropped .*no class is left"):
+        SegmentationFolderDataModule(str(root), layout="ade20k", reduce_zero_label=True, num_workers=0)
+
+
+@pytest.mark.parametrize("values, outliers, holding", [((0, 1, 2, 200), "200", "1 mask(s) (1.png)"),
+                                                       ((0, 85, 170), "85, 170", "2 mask(s) (0.png, 1.png)")])
+def test_implied_classes_mostly_absent_are_refused_with_the_values_and_masks(tmp_path, values, outliers, holding):
+    """A stray value, or classes scaled for visibility: without class names, the largest value implies the count."""
+    root = _segmentation_tree(tmp_path)
+    for item in range(2):
+        labels = np.zeros((40, 40), dtype=np.uint8)
+        for row, value in enumerate(values[1:-1] if item == 0 else values[1:]):
+            labels[row * 10:row * 10 + 4] = value
+        _mask(root / "train" / "masks" / f"{item}.png", labels)
+    with pytest.raises(DatasetError, match=f"the training masks hold the values {', '.join(map(str, values))} .*"
+                                           f"implies {values[-1] + 1} classes.*the values {outliers} are in "
+                                           f"{re.escape(holding)}.*root/classes.txt or --data.classes"):
+        SegmentationFolderDataModule(str(root), num_workers=0)
+
+
+def test_counting_the_classes_reports_training_and_validation_problems_at_once(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    cut = root / "train" / "images" / "0.jpg"
+    cut.write_bytes(cut.read_bytes()[:100])
+    (root / "val" / "masks" / "1.png").write_bytes(b"")
+    beyond = _mask(root / "val" / "masks" / "0.png", np.full((40, 40), 3))
+    with pytest.raises(DatasetError, match="3 problems") as raised:
+        SegmentationFolderDataModule(str(root), num_workers=0)
+    message = str(raised.value)
+    assert f"{cut}: cannot read this image" in message and f"{root / 'val' / 'masks' / '1.png'}: cannot read" in message
+    assert (f"{beyond}: label 3 is outside the class range 0..1 that the training masks' largest label implies "
+            "(root/classes.txt or --data.classes can name more classes)") in message
+
+
+def test_masks_without_an_image_are_named_in_a_warning(tmp_path):
+    root = _segmentation_tree(tmp_path)
+    orphan = _mask(root / "val" / "masks" / "deleted.png", np.zeros((40, 40)))
+    with pytest.warns(UserWarning, match=f"1 file\\(s\\) left out, as no image in {root / 'val' / 'images'} has the "
+                                         f"same name .*: {orphan}"):
+        data = SegmentationFolderDataModule(str(root), num_workers=0)
+    assert len(data.val_pairs) == 2
+
+
+@pytest.mark.parametrize("module, model_name, image_size, smallest", [
+    (ImageFolderDataModule, "biformer_tiny", 16, 32), (SegmentationFolderDataModule, "debiformer_tiny", 24, 32),
+    (ImageFolderDataModule, "biformer_stl_nchw", 31, 32)])
+def test_an_image_size_below_the_models_smallest_input_is_named(tmp_path, module, model_name, image_size, smallest):
+    """The smallest side whatever the model's arguments: the 32 px stride of the four stages. (BiFormer-STL NCHW's
+    default 7x7 region grid needs 112 px, but a smaller ``n_wins`` takes less: its model checks that.)"""
+    root = _class_tree(tmp_path) if module is ImageFolderDataModule else _segmentation_tree(tmp_path)
+    with pytest.raises(DatasetError, match=f"image_size={image_size}: must be at least {smallest} for {model_name}"):
+        module(str(root), model_name=model_name, image_size=image_size, num_workers=0)
+    data = module(str(root), model_name=model_name, image_size=smallest, num_workers=0)
+    assert data.data_config.image_size == smallest
+
+
+def test_macos_zip_folders_are_skipped(tmp_path):
+    root = _class_tree(tmp_path)
+    (root / "train" / "__MACOSX" / "cat").mkdir(parents=True)
+    (root / "train" / "__MACOSX" / "cat" / "._0.png").write_bytes(b"\0")
+    (root / "train" / "dog" / "__MACOSX").mkdir()
+    (root / "train" / "dog" / "__MACOSX" / "notes.txt").write_text("resource fork")
+    data = ImageFolderDataModule(str(root), num_workers=0)
+    assert data.class_names == ["cat", "dog"]
+
+
+def test_a_prediction_root_that_is_a_file_is_named_as_such(tmp_path):
+    photo = _image(tmp_path / "photo.png")
+    data = ImageFolderDataModule(str(_class_tree(tmp_path / "data")), num_workers=0, predict_root=str(photo))
+    with pytest.raises(DatasetError, match=f"{photo}: the prediction folder is a file, not a folder"):
+        data.setup("predict")

@@ -174,3 +174,15 @@ def test_links_to_folders_are_followed_once(tmp_path):
     (tmp_path / "class" / "more").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "class")
     assert list_images(tmp_path / "class", recursive=True) == [tmp_path / "class" / "more" / "x.png"]
+
+
+def test_a_gray_mask_saved_as_rgb_is_refused_with_the_conversion(tmp_path):
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((4, 4), 2, dtype=np.uint8)).convert("RGB").save(gray)
+    with pytest.raises(ImageReadError, match=r"mode 'RGB'; its three channels are equal, so save it as one channel: "
+                                             r"Image.open\(p\).convert\(\"L\"\).save\(p\)"):
+        read_mask(gray)
+    colour = tmp_path / "colour.png"
+    Image.new("RGB", (4, 4), (128, 0, 0)).save(colour)
+    with pytest.raises(ImageReadError, match="mode 'RGB'$"):
+        read_mask(colour)
