@@ -2,10 +2,10 @@
 
 A family's model class inherits :class:`PyramidBackbone`, implements ``run_stage(i, x)`` (the
 i-th stage, from the previous stage's output in the family's own layout) and ``stage_containers()``
-(the ModuleLists indexed by stage, pruned together), sets ``pool_dims`` (and ``stage_to_nchw``) when
+(the ModuleLists indexed by stage, pruned together), sets ``feature_fmt`` (and ``stage_to_nchw``) when
 its features are not NCHW, and calls ``init_classifier`` at the end of its constructor. This class
-supplies the pooled linear head, ``forward_features``, ``forward_intermediates`` and
-``prune_intermediate_layers`` as timm expects them, and the input-size check.
+supplies the head (timm's selectable global pooling, then a linear classifier), ``forward_features``,
+``forward_intermediates`` and ``prune_intermediate_layers`` as timm expects them, and the input-size check.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import create_classifier, get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
@@ -33,8 +33,8 @@ class PyramidBackbone(nn.Module):
     #: smallest input side the network accepts (its total stride, unless the family says otherwise)
     min_input_size = 32
     in_chans = 3
-    #: the axes of the final features that global average pooling reduces ((2, 3) for NCHW maps)
-    pool_dims: tuple[int, ...] = (2, 3)
+    #: layout of the final features, as timm's pooling layers name it: "NCHW" maps or "NHWC" tokens
+    feature_fmt = "NCHW"
     grad_checkpointing = False
 
     @torch.jit.ignore
@@ -68,45 +68,43 @@ class PyramidBackbone(nn.Module):
 
     def init_classifier(self, num_features: int, num_classes: int, drop_rate: float, global_pool: str,
                         feature_info: list[dict]) -> None:
-        """Build the pooled linear head and timm's metadata, then initialise the weights."""
-        self._check_pooling(global_pool, num_classes)
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = num_features
-        self.global_pool = global_pool
+        """Build the head (see :meth:`reset_classifier`) and timm's metadata, then initialise the weights."""
+        self.num_features = num_features
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = feature_info
+        self.reset_classifier(num_classes, global_pool)
         self.apply(_init_transformer_weights)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Final features -> (N, num_classes) logits (or the pooled (N, num_features) with pre_logits)."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=self.pool_dims)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        """Final features -> logits (N, num_classes), or the pooled (N, head_hidden_size) with pre_logits.
+
+        Unpooled (global_pool=''), the classifier acts at each position and keeps the features' layout:
+        (N, num_classes, H, W) from NCHW maps, as timm's ConvNeXt; (N, H, W, num_classes) from NHWC tokens,
+        as timm's Swin. pre_logits then gives the unpooled features.
+        """
+        x = self.head_drop(self.head_pool(x))
+        if pre_logits:
+            return x
+        if self.head_pool.is_identity() and self.feature_fmt == "NCHW":
+            return self.head(x.movedim(1, -1)).movedim(-1, 1)
+        return self.head(x)
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def _check_pooling(self, global_pool: str, num_classes: int) -> None:
-        """Accept "avg", or "" (no pooling) where a classifier can still act on the unpooled features.
-
-        As in timm: NCHW features (channels on dim 1) take no linear classifier unpooled, so "" needs
-        num_classes=0 there; NHWC features (``pool_dims`` (1, 2)) give per-position logits, like timm's Swin.
-        """
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"{type(self).__name__}: global_pool={global_pool!r} is not supported; "
-                             "use 'avg' or '' (no pooling)")
-        if global_pool == "" and num_classes > 0 and self.pool_dims == (2, 3):
-            raise ValueError(f"{type(self).__name__}: global_pool='' (no pooling) needs num_classes=0, as its "
-                             f"features are NCHW maps; got num_classes={num_classes}")
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self._check_pooling(self.global_pool if global_pool is None else global_pool, num_classes)
+        """A fresh classifier for ``num_classes`` (0: none) on the model's device and dtype, as in timm's models.
+
+        global_pool: any pooling of timm's ``SelectAdaptivePool2d`` ("avg", "max", "avgmax", "catavgmax",
+        "fast", ..., or "" for none); None keeps the current one. "catavgmax" doubles ``head_hidden_size``
+        (the classifier's input), while ``num_features`` stays the width of the features, as in timm's Swin.
+        """
+        pool_type = self.global_pool if global_pool is None else global_pool
+        self.head_pool, self.head = create_classifier(self.num_features, num_classes, pool_type,
+                                                      input_fmt=self.feature_fmt, **get_device_dtype(self))
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool = pool_type
+        self.head_hidden_size = self.num_features * self.head_pool.feat_mult()
 
     def stage_to_nchw(self, index: int, x: Tensor) -> Tensor:
         """The stage output as (N, C, H, W); families whose stages keep NCHW need not override."""

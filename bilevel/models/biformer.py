@@ -285,11 +285,15 @@ class _BiFormerBase(PyramidBackbone):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's layer grouping (for layer-wise lr decay): stem, then stages/blocks."""
+        """timm's layer grouping (for layer-wise lr decay): stem, then stages/blocks.
+
+        coarse: one group per stage, its downsampling included (as timm's Swin), then the final norm and head.
+        """
         return dict(stem=r"^downsample_layers\.0",
-                    blocks=r"^stages\.(\d+)" if coarse else [(r"^downsample_layers\.(\d+)", None),
-                                                             (r"^stages\.(\d+)\.(?:blocks\.)?(\d+)", None),
-                                                             (r"^norm", (99999,))])
+                    blocks=r"^(?:downsample_layers|stages)\.(\d+)" if coarse else [
+                        (r"^downsample_layers\.(\d+)", None),
+                        (r"^stages\.(\d+)\.(?:blocks\.)?(\d+)", None),
+                        (r"^norm", (99999,))])
 
 
 class BiFormer(_BiFormerBase):

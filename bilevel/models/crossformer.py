@@ -168,7 +168,7 @@ class CrossFormer(PyramidBackbone):
     """
 
     #: final features are (N, H, W, C) tokens
-    pool_dims = (1, 2)
+    feature_fmt = "NHWC"
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: Sequence[int] = (4, 8, 16, 32),
                  in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),

@@ -126,15 +126,17 @@ def test_reset_classifier():
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 256, 2, 2)
 
 
+@torch.no_grad()
 @pytest.mark.parametrize("name", ["biformer_tiny", "debiformer_tiny"])
-def test_unpooled_nchw_features_take_no_classifier_as_in_timm(name):
-    with pytest.raises(ValueError, match="global_pool='' \\(no pooling\\) needs num_classes=0"):
-        timm.create_model(name, global_pool="")
-    with pytest.raises(ValueError, match="global_pool='max' is not supported"):
-        timm.create_model(name, global_pool="max", num_classes=0)
-    model = timm.create_model(name, num_classes=0, global_pool="")
-    with pytest.raises(ValueError, match="needs num_classes=0"):
-        model.reset_classifier(10)
+def test_unpooled_nchw_features_give_per_position_logits_as_timm_convnext(name):
+    x = torch.randn(1, 3, 64, 64)
+    reference = timm.create_model("convnext_atto", global_pool="").eval()
+    model = timm.create_model(name, global_pool="", depth=(1, 1, 1, 1)).eval()
+    assert model(x).shape == reference(x).shape == (1, 1000, 2, 2)
+    for network in (model, reference):
+        network.prune_intermediate_layers([2])
+        network.reset_classifier(10)
+    assert model(x).shape == reference(x).shape == (1, 10, 4, 4)
 
 
 def test_torch_compile_captures_the_whole_model_and_matches_eager():
@@ -220,7 +222,8 @@ def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
         other = bilevel.create_model("biformer_stl")
     path = tmp_path / "stl.pth"
     torch.save({"model": {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in other.state_dict().items()}}, path)
-    with pytest.raises(CheckpointError, match=r"does not fit biformer_tiny: missing keys \d+ \(downsample_layers.*unexpected keys"):
+    with pytest.raises(CheckpointError,
+                       match=r"does not fit biformer_tiny: missing keys \d+ \(downsample_layers.*unexpected keys"):
         bilevel.create_model("biformer_tiny", checkpoint_path=path)
 
 
