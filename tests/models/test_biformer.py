@@ -91,6 +91,21 @@ def test_stl_nchw_runs_on_non_multiples_and_refuses_tiny_inputs():
         model(torch.randn(1, 3, 100, 200))
 
 
+@pytest.mark.parametrize("name", ["biformer_tiny", "biformer_stl"])
+@torch.no_grad()
+def test_maps_run_in_channels_last_memory(name):
+    """An NCHW-contiguous image is turned to channels-last once, so every block's NHWC view of its map is contiguous
+    and its depthwise convs get their fast layout; the stage maps handed out stay NCHW-contiguous."""
+    model = timm.create_model(name, depth=[1, 1, 1, 1]).eval()
+    inputs = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.groups > 1:
+            module.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    maps = model.forward_intermediates(torch.randn(1, 3, 224, 224), intermediates_only=True)
+    assert inputs and all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs)
+    assert all(stage_map.is_contiguous() for stage_map in maps)
+
+
 def test_bad_inputs_get_clear_errors():
     model = small_biformer().eval()
     with pytest.raises(InputSizeError, match="3-channel images, got 1 channels"):
