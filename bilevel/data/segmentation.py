@@ -41,14 +41,16 @@ LAYOUTS = {
 class SegmentationPairs(Dataset):
     """(image path, mask path) pairs; items are (image (3, S, S), labels (S, S) int64).
 
-    Each item's mask is checked against its image's size and the ``num_classes`` labels (a DatasetError names the
-    mask), so a dataset read without the scan stops at a bad mask, not at a cryptic error later or a stretched mask.
+    check_classes: when no scan has read the masks, the class count each item's mask is checked against when read
+        (its size against its image's too; a DatasetError names the mask), so a dataset read without the scan stops
+        at a bad mask, not at a cryptic error later or a stretched mask; None: the scan checked them.
     """
 
-    def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: SegmentationTransform, num_classes: int):
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: SegmentationTransform,
+                 check_classes: Optional[int] = None):
         self.pairs = list(pairs)
         self.transform = transform
-        self.num_classes = num_classes
+        self.check_classes = check_classes
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -56,10 +58,11 @@ class SegmentationPairs(Dataset):
     def __getitem__(self, index: int):
         image_path, mask_path = self.pairs[index]
         image, mask = read_image(image_path), read_mask(mask_path)
-        problems = mask_problems(image_path, image.size, mask_path, mask, self.num_classes, self.transform.ignore_index,
-                                 self.transform.reduce_zero_label)
-        if problems:
-            raise DatasetError("; ".join(problems))
+        if self.check_classes is not None:
+            problems = mask_problems(image_path, image.size, mask_path, mask, self.check_classes,
+                                     self.transform.ignore_index, self.transform.reduce_zero_label)
+            if problems:
+                raise DatasetError("; ".join(problems))
         return self.transform(image, mask)
 
 
@@ -203,8 +206,10 @@ class SegmentationFolderDataModule(LightningDataModule):
             return
         if self.scan:
             self._scan(stage)
-        self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True), self.num_classes)
-        self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False), self.num_classes)
+        # counting the classes (names implied) read and checked every mask, as the scan does
+        check_classes = None if self.scan or self.names_implied else self.num_classes
+        self.train_dataset = SegmentationPairs(self.train_pairs, self._transform(training=True), check_classes)
+        self.val_dataset = SegmentationPairs(self.val_pairs, self._transform(training=False), check_classes)
 
     def _scan(self, stage: str) -> None:
         """Check the pairs ``stage`` reads (none when counting the classes read them all): for fit, the training ones
