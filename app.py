@@ -402,7 +402,7 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         number, source = pages.latest(session)
         if source is not None:
             outputs = analysed_source(source, key, stage, block, x, y)
-            if pages.latest(session)[0] != number:     # the page asked for something else meanwhile
+            if not pages.is_current(session, number, key):     # the page asked for something else meanwhile
                 outputs = nothing_new()
         elif number is None and analysis is not None:
             outputs = analysed(analysis.picture, key, stage, block, x, y)
