@@ -25,6 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..ops.bra import BiLevelRoutingAttention, NCHWBiLevelRoutingAttention, lepe_conv
+from ..ops.linear import FusedLinear
 from ._pyramid import InputSizeError, PyramidBackbone, build_pyramid, imagenet_cfg
 
 __all__ = ["BiFormer", "BiFormerSTL", "AttentionLePE", "NCHWAttentionLePE"]
@@ -65,8 +66,8 @@ class AttentionLePE(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = FusedLinear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = FusedLinear(dim, dim)
         self.lepe = lepe_conv(dim, side_dwconv)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,8 +88,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = FusedLinear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = FusedLinear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         n, height, width, channels = x.shape
@@ -167,8 +168,11 @@ class Block(nn.Module):
                                **bra_options)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(mlp_ratio * dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), DWConv(hidden) if mlp_dwconv else nn.Identity(), nn.GELU(),
-                                 nn.Linear(hidden, dim))
+        if mlp_dwconv:
+            self.mlp = nn.Sequential(FusedLinear(dim, hidden), DWConv(hidden), nn.GELU(), FusedLinear(hidden, dim))
+        else:   # fc1 applies the GELU (one pass in CPU inference); the Identities keep fc2's official key mlp.3
+            self.mlp = nn.Sequential(FusedLinear(dim, hidden, activation="gelu"), nn.Identity(), nn.Identity(),
+                                     FusedLinear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale_init_value > 0:
             self.gamma1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
@@ -220,7 +224,8 @@ class STLBlock(nn.Module):
             self.norm1 = nn.LayerNorm(dim, eps=1e-6)
             self.attn = _attention(dim, num_heads, topk, n_win, dim, None, side_dwconv, auto_pad, backend)
             self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            self.mlp = nn.Sequential(FusedLinear(dim, hidden, activation="gelu"), nn.Identity(),   # GELU in fc1
+                                     FusedLinear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .attention import ATTENTION_BACKENDS, reference_routed_attention, routed_attention
+from .linear import FusedLinear
 from .recording import emit, is_recording
 from .regions import (ceil_region_means, fit_to_region_grid, grid_for_region_size, pad_to_multiple,
                       region_merge, region_partition)
@@ -68,7 +69,7 @@ class QKVLinear(nn.Module):
     def __init__(self, dim: int, qk_dim: int, bias: bool = True):
         super().__init__()
         self.qk_dim = qk_dim
-        self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=bias)
+        self.qkv = FusedLinear(dim, 2 * qk_dim + dim, bias=bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (..., dim) -> q (..., qk_dim), kv (..., qk_dim + dim)."""
@@ -124,7 +125,7 @@ class BiLevelRoutingAttention(nn.Module):
         if param_attention not in ("qkvo", "qkv"):
             raise ValueError(f"param_attention={param_attention!r} is not supported; choose 'qkvo' or 'qkv'")
         self.qkv = QKVLinear(dim, self.qk_dim)
-        self.wo = nn.Linear(dim, dim) if param_attention == "qkvo" else nn.Identity()
+        self.wo = FusedLinear(dim, dim) if param_attention == "qkvo" else nn.Identity()
         self.kv_downsample_mode = kv_downsample_mode
         self.kv_down = _kv_downsampler(kv_downsample_mode, kv_per_win, kv_downsample_ratio)
         self.auto_pad = auto_pad
