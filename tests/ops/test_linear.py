@@ -79,6 +79,21 @@ def test_other_cases_stay_with_linear(case):
         assert out.dtype == torch.bfloat16
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_traces_exports_and_flop_counters_see_a_plain_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer, x = FusedLinear(24, 40, activation="gelu").eval(), torch.randn(3, 24)
+    with torch.no_grad():
+        traced = str(torch.jit.trace(layer, x).graph)            # what the TorchScript ONNX exporter reads
+        exported = str(torch.export.export(layer, (x,)).graph)
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+    assert "aten::linear" in traced and "mkldnn" not in traced
+    assert "aten.linear" in exported and "mkldnn" not in exported
+    assert counter.get_total_flops() == 2 * 3 * 24 * 40
+
+
 def test_is_a_linear_with_its_keys_and_names_its_activation():
     layer = FusedLinear(4, 6, activation="gelu")
     assert isinstance(layer, nn.Linear)
