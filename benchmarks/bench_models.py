@@ -8,10 +8,14 @@ has one row.
 * evaluation: ``model(x)`` under ``torch.inference_mode()``
 * training step: forward, cross-entropy on random labels, backward, SGD step
 
-Models are measured round-robin (every model once per repeat, ``_common.time_round_robin``) so that a
-change of machine load affects all rows alike: images/s from the fastest repeat, ×reference the median
-over repeats of the ratio within a repeat. A model that fails (e.g. an input size it cannot take) gets a
-row with its error and the others are measured. Writes ``models_<tag>.md`` and ``.json``.
+Variants are measured one at a time, each in its own group with its reference build and the two
+baselines: only that group is in memory, as in a user's process (with every variant resident, 3 GB of
+other models' weights and gradients, the ratios drifted by 15-20 % with the allocator's state). Within
+a group the models run round-robin (each once per repeat, ``_common.time_round_robin``), so a change of
+machine load touches them alike: images/s from the fastest repeat, ×reference and ×Swin-T the median
+over repeats of the ratio within a repeat (baselines' images/s: fastest over all groups). A model that
+fails (e.g. an input size it cannot take) gets a row with its error and the others are measured.
+Writes ``models_<tag>.md`` and ``.json``.
 
     python benchmarks/bench_models.py                       # every variant, 224 px, batch 8
     python benchmarks/bench_models.py --models biformer_tiny --repeats 5
@@ -20,6 +24,7 @@ row with its error and the others are measured. Writes ``models_<tag>.md`` and `
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import sys
@@ -92,41 +97,62 @@ def build_parser() -> BenchmarkParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = build_parser().parse_args(argv)
-    models = {}  # label -> model; a variant's default build uses the "auto" backend
-    for name in args.models:
-        model = build(name, None)
-        if takes_backend(model):
-            models[f"{name} [auto]"] = model
-            models[f"{name} [reference]"] = build(name, "reference")
-        else:
-            models[name] = model
-    if not args.no_baselines:
-        models.update({f"timm {name}": build(name, None) for name in BASELINES})
+def variant_models(name: str) -> dict[str, torch.nn.Module]:
+    """label -> model for one variant: its default (``auto``) build and, when it routes, its reference build."""
+    model = build(name, None)
+    if not takes_backend(model):
+        return {name: model}
+    return {f"{name} [auto]": model, f"{name} [reference]": build(name, "reference")}
 
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
-                         generator=torch.Generator().manual_seed(0))
+
+def measure(models: dict[str, torch.nn.Module], images: torch.Tensor, repeats: int,
+            failures: dict[str, str]) -> dict[str, list[Optional[float]]]:
+    """Seconds per eval and train step of every model, round-robin: ``{"<label> eval": [...], ...}``."""
     steps = {}
     for label, model in models.items():
         steps[f"{label} eval"], steps[f"{label} train"] = eval_step(model, images), train_step(model, images)
-    failures = {}
-    times = time_round_robin(steps, args.repeats, progress=True, failures=failures)
+    return time_round_robin(steps, repeats, progress=True, failures=failures)
 
-    def images_per_s(step: str) -> Optional[float]:
-        return args.batch_size / fastest(times[step]) if step in times else None
 
-    def speedup(reference: str, step: str) -> Optional[float]:
-        return paired_speedup(times[reference], times[step]) if reference in times and step in times else None
-
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
+                         generator=torch.Generator().manual_seed(0))
+    baselines = {} if args.no_baselines else {f"timm {name}": build(name, None) for name in BASELINES}
+    swin = f"timm {BASELINES[0]}"
+    baseline_times = {f"{label} {kind}": [] for label in baselines for kind in ("eval", "train")}
+    failures: dict[str, str] = {}
     rows = []
-    for label in models:
-        row = {"model": label, "eval_images_per_s": images_per_s(f"{label} eval"),
-               "train_images_per_s": images_per_s(f"{label} train")}
-        if label.endswith("[auto]"):
-            reference = label.replace("[auto]", "[reference]")
-            row["eval_x_reference"] = speedup(f"{reference} eval", f"{label} eval")
-            row["train_x_reference"] = speedup(f"{reference} train", f"{label} train")
+    for name in args.models:
+        models = variant_models(name)
+        times = measure({**models, **baselines}, images, args.repeats, failures)
+        for step in baseline_times:
+            baseline_times[step] += times.get(step, [])
+
+        def images_per_s(step: str) -> Optional[float]:
+            return args.batch_size / fastest(times[step]) if step in times else None
+
+        def speedup(reference: str, step: str) -> Optional[float]:
+            return paired_speedup(times[reference], times[step]) if reference in times and step in times else None
+
+        for label in models:
+            row = {"model": label, "eval_images_per_s": images_per_s(f"{label} eval"),
+                   "train_images_per_s": images_per_s(f"{label} train")}
+            if label.endswith("[auto]"):
+                reference = label.replace("[auto]", "[reference]")
+                row["eval_x_reference"] = speedup(f"{reference} eval", f"{label} eval")
+                row["train_x_reference"] = speedup(f"{reference} train", f"{label} train")
+            if baselines:
+                row["train_x_swin"] = speedup(f"{swin} train", f"{label} train")
+            error = failures.get(f"{label} eval") or failures.get(f"{label} train")
+            if error:
+                row["error"] = error
+            rows.append(row)
+        del models, times
+        gc.collect()
+    for label in baselines:
+        row = {"model": label, **{f"{kind}_images_per_s": args.batch_size / fastest(baseline_times[f"{label} {kind}"])
+                                  for kind in ("eval", "train") if baseline_times[f"{label} {kind}"]}}
         error = failures.get(f"{label} eval") or failures.get(f"{label} train")
         if error:
             row["error"] = error
@@ -148,14 +174,17 @@ def write(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) ->
     lines = [f"# Model throughput ({tag})", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}",
              f"- torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}",
-             f"- {args.image_size} px, batch {args.batch_size}, fastest of {args.repeats} round-robin repeats "
-             "(after a warm-up); ×reference: median over repeats of the ratio within a repeat",
+             f"- {args.image_size} px, batch {args.batch_size}; each variant measured in its own group (its auto "
+             "and reference builds and the baselines, nothing else in memory), round-robin within the group: "
+             f"fastest of {args.repeats} repeats (after a warm-up); ×reference and ×Swin-T: median over repeats "
+             "of the ratio within a repeat; baselines: fastest over all groups",
              "- training step = forward + cross-entropy + backward + SGD step; random weights", "",
-             "| model | eval img/s | train img/s | eval ×reference | train ×reference | error |",
-             "|---|---|---|---|---|---|"]
+             "| model | eval img/s | train img/s | eval ×reference | train ×reference | train ×Swin-T | error |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         cells = [row["model"], *(_cell(row.get(key)) for key in
-                                 ("eval_images_per_s", "train_images_per_s", "eval_x_reference", "train_x_reference")),
+                                 ("eval_images_per_s", "train_images_per_s", "eval_x_reference", "train_x_reference",
+                                  "train_x_swin")),
                  row.get("error", "")]
         lines.append("| " + " | ".join(cells) + " |")
     (args.out / f"models_{tag}.md").write_text("\n".join(lines) + "\n")

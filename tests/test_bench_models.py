@@ -59,4 +59,26 @@ def test_a_failing_model_gets_a_row_and_the_others_are_measured(bench, tmp_path)
     assert measured["train_images_per_s"] > 0 and measured["train_x_reference"] > 0 and "error" not in measured
     assert json.loads((tmp_path / "models_cpu.json").read_text())["rows"] == rows
     table = (tmp_path / "models_cpu.md").read_text()
-    assert "| biformer_stl_nchw [reference] | – | – | – | – | InputSizeError: a 64x64 image" in table
+    assert "| biformer_stl_nchw [reference] | – | – | – | – | – | InputSizeError: a 64x64 image" in table
+
+
+def test_each_variant_is_measured_in_its_own_group_beside_the_baselines(bench, tmp_path, monkeypatch):
+    groups = []
+
+    def fake_measure(models, images, repeats, failures):   # seconds per step: the reference 2x, Swin-T 1.5x auto
+        groups.append(sorted(models))
+        seconds = {"[reference]": 2.0, "swin": 1.5}
+        return {f"{label} {kind}": [next((s for key, s in seconds.items() if key in label), 1.0)] * repeats
+                for label in models for kind in ("eval", "train")}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    rows = bench.main(["--models", "biformer_tiny", "crossformer_tiny", "--image-size", "64", "--batch-size", "2",
+                       "--repeats", "2", "--out", str(tmp_path)])
+    baselines = ["timm convnext_tiny", "timm swin_tiny_patch4_window7_224"]
+    assert groups == [["biformer_tiny [auto]", "biformer_tiny [reference]", *baselines],
+                      ["crossformer_tiny", *baselines]]
+    by_model = {row["model"]: row for row in rows}
+    assert by_model["biformer_tiny [auto]"]["eval_x_reference"] == 2.0
+    assert by_model["biformer_tiny [auto]"]["train_x_swin"] == 1.5
+    assert by_model["crossformer_tiny"]["train_x_swin"] == 1.5
+    assert by_model["timm swin_tiny_patch4_window7_224"]["train_images_per_s"] == 2 / 1.5
