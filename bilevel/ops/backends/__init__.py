@@ -12,8 +12,7 @@ name           idea                                                             
                products and a softmax on channel slices (small tiles: 224 px, CPU)
 ``recompute``  custom autograd function: saves only q, k, v, output and log-sum-exp;   yes
                the routed regions are re-selected in backward, in chunks of regions
-``dense_mask`` all key tokens, biased by the log of the routing counts (small maps;     ValueError
-               CPU inference: per head two BLAS products, the bias added in the first)
+``dense_mask`` all key tokens, biased by the log of the routing counts (small maps)    ValueError
 ``flex``       FlexAttention with a block mask from the routing indices (CUDA, least   ValueError
                memory; forward only on CPU, where torch has no FlexAttention backward)
 ``triton``     one Triton kernel per pass: the routed regions read in place inside an  ValueError

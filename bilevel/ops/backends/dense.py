@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import merge_heads, split_heads, tracks_gradients
+from ..attention import merge_heads, split_heads
 from ._select import check_shapes, refuse_region_weights, unit_channel_stride
-from .matmul import attend_per_head
 
 __all__ = ["dense_mask_routed_attention", "token_bias"]
 
@@ -33,22 +32,6 @@ def token_bias(indices: Tensor, num_key_regions: int, query_tokens: int, key_tok
     return tokens.reshape(n, 1, num_queries * query_tokens, num_key_regions * key_tokens)
 
 
-def _attend_on_cpu(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float, num_heads: int
-                   ) -> Tensor:
-    """CPU inference: two BLAS products per head with the bias added in the first, into one output buffer.
-
-    PyTorch's fused CPU kernel adds a mask block by block and reaches about half the rate of its unmasked
-    run here (BiFormer-T stage 3: 196 tokens); the per-head products are about 20 % faster.
-    """
-    n, num_queries, query_tokens, _ = query.shape
-    queries = query.reshape(n, num_queries * query_tokens, -1)
-    keys, values = key.reshape(n, -1, key.shape[-1]), value.reshape(n, -1, value.shape[-1])
-    out = query.new_empty(n, queries.shape[1], value.shape[-1])
-    scores = query.new_empty(n, queries.shape[1], keys.shape[1])
-    attend_per_head(queries, keys, values, scale, num_heads, out=out, scores=scores, bias=bias[:, 0])
-    return out.reshape(n, num_queries, query_tokens, -1)
-
-
 def dense_mask_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
                                 num_heads: int, region_weights: Optional[Tensor] = None) -> Tensor:
     """Same function as ``reference_routed_attention`` (no region_weights)."""
@@ -57,8 +40,6 @@ def dense_mask_routed_attention(query: Tensor, key: Tensor, value: Tensor, indic
     n, num_queries, query_tokens, _ = query.shape
     num_key_regions, key_tokens = key.shape[1], key.shape[2]
     bias = token_bias(indices, num_key_regions, query_tokens, key_tokens, query.dtype)
-    if query.device.type == "cpu" and not tracks_gradients(query, key, value):
-        return _attend_on_cpu(query, key, value, bias, scale, num_heads)
     q = split_heads(unit_channel_stride(query).reshape(n, num_queries * query_tokens, -1), num_heads)  # (N, H, L, D)
     k = split_heads(key.reshape(n, num_key_regions * key_tokens, -1), num_heads)    # (N, H, Rk * Tk, Dqk)
     v = split_heads(value.reshape(n, num_key_regions * key_tokens, -1), num_heads)  # (N, H, Rk * Tk, Dv)

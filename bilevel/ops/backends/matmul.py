@@ -21,32 +21,26 @@ from torch import Tensor
 from ..attention import tracks_gradients
 from ._select import check_shapes, flat_region_indices, select_routed
 
-__all__ = ["matmul_routed_attention", "attend_per_head", "CHUNK_BYTES"]
+__all__ = ["matmul_routed_attention", "CHUNK_BYTES"]
 
 #: inference: routed keys, values and the score matrix of one chunk of query regions hold at most this many bytes
 CHUNK_BYTES = 4 * 2 ** 20
 
 
-def attend_per_head(queries: Tensor, keys: Tensor, values: Tensor, scale: float, num_heads: int,
-                    out: Optional[Tensor] = None, scores: Optional[Tensor] = None,
-                    bias: Optional[Tensor] = None) -> Tensor:
-    """softmax(scale * q kᵀ [+ bias]) v, head by head: (B, Tq, H * Dqk), (B, L, H * Dqk), (B, L, H * Dv)
-    -> (B, Tq, H * Dv).
+def _attend(queries: Tensor, keys: Tensor, values: Tensor, scale: float, num_heads: int,
+            out: Optional[Tensor] = None, scores: Optional[Tensor] = None) -> Tensor:
+    """(B, Tq, H * Dqk), (B, L, H * Dqk), (B, L, H * Dv) -> (B, Tq, H * Dv), head by head.
 
     out, scores: buffers of shape (B, Tq, H * Dv) and (B, Tq, L) to fill (no autograd); without them
     every head's output is a new tensor and the heads are concatenated (autograd).
-    bias: optional (B, Tq, L) scores added to every head's (``-inf`` keeps a key out).
     """
     qk_dim, v_dim = queries.shape[-1] // num_heads, values.shape[-1] // num_heads
     keys_t = keys.transpose(1, 2)                                        # (B, H * Dqk, L)
-    if bias is None:
-        base, beta = (queries.new_empty(1, 1, 1) if scores is None else scores), 0   # baddbmm's input, times 0
-    else:
-        base, beta = bias, 1
+    ignored = queries.new_empty(1, 1, 1) if scores is None else scores   # baddbmm's input, times beta=0
     heads = []
     for head in range(num_heads):
-        logits = torch.baddbmm(base, queries.narrow(-1, head * qk_dim, qk_dim),
-                               keys_t.narrow(1, head * qk_dim, qk_dim), beta=beta, alpha=scale,
+        logits = torch.baddbmm(ignored, queries.narrow(-1, head * qk_dim, qk_dim),
+                               keys_t.narrow(1, head * qk_dim, qk_dim), beta=0, alpha=scale,
                                **({} if scores is None else {"out": scores}))
         head_out = torch.bmm(logits.softmax(dim=-1), values.narrow(-1, head * v_dim, v_dim))
         if out is None:
@@ -72,7 +66,7 @@ def matmul_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: 
 
     batch = n * num_queries
     if tracks_gradients(query, key, value, region_weights):
-        return attend_per_head(queries, routed(key, 0, batch), routed(value, 0, batch), scale,
+        return _attend(queries, routed(key, 0, batch), routed(value, 0, batch), scale,
                        num_heads).reshape(n, num_queries, query_tokens, -1)
     region_bytes = routed_tokens * (key.shape[-1] + value.shape[-1] + query_tokens) * key.element_size()
     step = max(1, CHUNK_BYTES // region_bytes)
@@ -83,7 +77,6 @@ def matmul_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: 
     value_buffer = value.new_empty(step * topk, *value.shape[2:])
     for first in range(0, batch, step):
         last = min(first + step, batch)
-        attend_per_head(queries[first:last], routed(key, first, last, key_buffer),
-                        routed(value, first, last, value_buffer), scale, num_heads, out=out[first:last],
-                        scores=scores[:last - first])
+        _attend(queries[first:last], routed(key, first, last, key_buffer), routed(value, first, last, value_buffer),
+                scale, num_heads, out=out[first:last], scores=scores[:last - first])
     return out.reshape(n, num_queries, query_tokens, -1)
