@@ -9,8 +9,9 @@ has one row.
 * training step: forward, cross-entropy on random labels, backward, SGD step
 
 Variants are measured one at a time, each in its own group with its reference build and the two
-baselines: only that group is in memory, as in a user's process (with every variant resident, 3 GB of
-other models' weights and gradients, the ratios drifted by 15-20 % with the allocator's state). Within
+baselines: only that group is in memory, as in a user's process. (With all 20 models resident, their
+weights and gradients, BiFormer-T's evaluation ratio read 1.30 and 1.35 in two runs, where its group
+alone read 1.62: the reference's fresh gathered copies cost more or less with the allocator's state.) Within
 a group the models run round-robin (each once per repeat, ``_common.time_round_robin``), so a change of
 machine load touches them alike: images/s from the fastest repeat, ×reference and ×Swin-T the median
 over repeats of the ratio within a repeat (baselines' images/s: fastest over all groups). A model that
