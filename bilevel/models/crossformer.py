@@ -32,6 +32,7 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from ..ops.linear import FusedLinear
 from ..ops.lsda import V1_BUFFER_NAMES, GroupAttention, GroupLayout, attend_in_groups, padded_key_bias, plan_groups
 from ..ops.regions import pad_to_multiple
 from ._pyramid import PyramidBackbone, build_pyramid, imagenet_cfg
@@ -90,6 +91,14 @@ class PatchMerging(nn.Module):
         return torch.cat([reduce(x) for reduce in self.reductions], dim=1).permute(0, 2, 3, 1)
 
 
+def _token_mlp(dim: int, hidden: int, drop: float) -> Mlp:
+    """timm's ``Mlp`` (keys ``fc1``, ``fc2``) with :class:`FusedLinear` layers; fc1 applies the GELU (one pass
+    in CPU inference) and ``act`` is an ``nn.Identity``."""
+    mlp = Mlp(dim, hidden, drop=drop)
+    mlp.fc1, mlp.act, mlp.fc2 = FusedLinear(dim, hidden, activation="gelu"), nn.Identity(), FusedLinear(hidden, dim)
+    return mlp
+
+
 class CrossFormerBlock(nn.Module):
     """Pre-norm LSDA + MLP: (N, H, W, C) -> (N, H, W, C).
 
@@ -113,7 +122,7 @@ class CrossFormerBlock(nn.Module):
                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = _token_mlp(dim, int(dim * mlp_ratio), proj_drop)
         self._key_bias_cache: dict[tuple, Optional[Tensor]] = {}
 
     def layout(self, map_size: tuple[int, int]) -> GroupLayout:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import merge_heads
+from .linear import FusedLinear
 from .recording import emit, is_recording
 from .regions import pad_to_multiple, padding_to_multiple
 
@@ -241,9 +242,9 @@ class GroupAttention(nn.Module):
         if position_bias:
             self.register_buffer("biases", relative_offsets(group_size), persistent=False)
             self.register_buffer("relative_position_index", relative_position_index(group_size), persistent=False)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = FusedLinear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = FusedLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def init_non_persistent_buffers(self) -> None:
