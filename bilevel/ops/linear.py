@@ -3,9 +3,9 @@
 PyTorch's CPU ``F.linear`` first copies the bias into every row of a fresh output and then multiplies
 into it (``addmm`` with beta=1): one extra write and read of the whole output. For BiFormer-T's stage-1
 projections at batch 8 (25088 tokens, 64 -> 192 channels, a 19 MB output) that copy costs almost as much
-as the product itself: 6.8 ms against 3.8 ms fused, on the project's 2 cores. oneDNN's matmul, which PyTorch ships and Inductor's CPU
-path calls (``torch.ops.mkldnn._linear_pointwise``), adds the bias as it writes each output tile, and
-can apply GELU there too, where ATen's GELU is one more pass over the output.
+as the product itself: 6.8 ms against 3.8 ms fused, on the project's 2 cores. oneDNN's matmul, which
+PyTorch ships and Inductor's CPU path calls (``torch.ops.mkldnn._linear_pointwise``), adds the bias as it
+writes each output tile, and can apply GELU there too, where ATen's GELU is one more pass over the output.
 
 :class:`FusedLinear` uses it when nothing records gradients, for float32 CPU tensors outside autocast
 and compilation; everywhere else (training, CUDA, other dtypes) it is ``nn.Linear``. It is an
@@ -25,6 +25,14 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = ["FusedLinear", "fused_linear_available"]
 
+#: activation -> the (attr, algorithm) arguments that select it in oneDNN's fused linear
+ONEDNN_ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none")}
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor, activation: Optional[str]) -> Tensor:
+    attr, algorithm = ONEDNN_ACTIVATIONS[activation]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+
 
 @functools.lru_cache(maxsize=1)
 def fused_linear_available() -> bool:
@@ -33,13 +41,12 @@ def fused_linear_available() -> bool:
         return False
     generator = torch.Generator().manual_seed(0)
     x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((3, 5, 8), (6, 8), (6,)))
+    expected = F.linear(x, weight, bias)
     try:
         with torch.no_grad():
-            plain = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-            gelu = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+            plain, gelu = _onednn_linear(x, weight, bias, None), _onednn_linear(x, weight, bias, "gelu")
     except RuntimeError:
         return False
-    expected = F.linear(x, weight, bias)
     return (torch.allclose(plain, expected, rtol=1e-5, atol=1e-5)
             and torch.allclose(gelu, F.gelu(expected), rtol=1e-5, atol=1e-5))
 
@@ -59,16 +66,14 @@ class FusedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None,
                  device=None, dtype=None):
-        if activation not in (None, "gelu"):
+        if activation not in ONEDNN_ACTIVATIONS:
             raise ValueError(f"FusedLinear: activation={activation!r} is not supported; choose None or 'gelu'")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bias is not None and _runs_fused(x, self.weight):
-            if self.activation == "gelu":
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "none")
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return _onednn_linear(x, self.weight, self.bias, self.activation)
         out = F.linear(x, self.weight, self.bias)
         return out if self.activation is None else F.gelu(out)
 
