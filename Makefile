@@ -16,6 +16,7 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c 'from bilevel.ops.backends.fused_cpu import build_kernel; print("fused_cpu kernel:", build_kernel() or "ready")'
 	touch $(INSTALLED)
 
 $(CHROMIUM):

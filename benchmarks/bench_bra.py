@@ -44,6 +44,7 @@ from _common import (BenchmarkParser, benchmark_parser, best_seconds, device_arg
 
 from bilevel.flops import global_attention_flops, routed_attention_flops
 from bilevel.ops.attention import ATTENTION_BACKENDS, routed_attention, select_backend
+from bilevel.ops.backends.fused_cpu import fused_cpu_available
 from bilevel.ops.backends.triton_fused import triton_available
 from bilevel.ops.regions import region_partition
 from bilevel.ops.routing import region_affinity, topk_routing
@@ -217,6 +218,8 @@ def run_setting(setting: Setting, repeats: int, budget_s: float, device: torch.d
         if tokens_total > MASK_MAX_TOKENS and (backend == "dense_mask" or backend == "flex" and on_cpu):
             continue
         if backend == "triton" and not triton_available(device):   # CUDA (or Triton's interpreter: minutes)
+            continue
+        if backend == "fused_cpu" and not (on_cpu and dtype == torch.float32 and fused_cpu_available()):
             continue
         cpu_flex = backend == "flex" and on_cpu
         methods.append(Method(backend, lambda q_, k_, v_, b=backend: routed_step(b, q_, k_, v_, indices, setting),

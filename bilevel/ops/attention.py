@@ -3,7 +3,7 @@
 Every query token of region ``i`` attends to all tokens of the ``topk`` regions that routing
 chose for ``i``. All backends compute the same function; ``reference`` is the readable one
 (gather, then plain softmax attention) and defines the numerics the others must match. The fast
-backends (``sdpa``, ``matmul``, ``recompute``, ``dense_mask``, ``flex``, ``triton``) live in
+backends (``sdpa``, ``matmul``, ``recompute``, ``dense_mask``, ``fused_cpu``, ``flex``, ``triton``) live in
 :mod:`bilevel.ops.backends`; ``backend="auto"`` picks one by device, shape and grad mode
 (:func:`select_backend`).
 
@@ -86,6 +86,9 @@ ROUTED_COPY_LIMIT_BYTES = 256 * 2 ** 20
 MATMUL_MAX_ROUTED_TOKENS = 128
 #: ... and at least this many query tokens per region (fewer: its per-head calls cost more than they save)
 MATMUL_MIN_QUERY_TOKENS = 32
+#: CPU float32 inference: fused_cpu is chosen from this many query tokens per region (fewer: BLAS calls on
+#: tiles of a few rows cost more than they save)
+FUSED_CPU_MIN_QUERY_TOKENS = 16
 
 
 def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: Optional[Tensor] = None,
@@ -98,10 +101,14 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
       ``DENSE_MIN_ROUTED_FRACTION`` of the regions), no region_weights: ``dense_mask`` (one large
       SDPA beats many small ones there: BiFormer-T stage 3);
     - training where the routed copy sdpa keeps for backward (topk x the size of k and v) would exceed
-      ``ROUTED_COPY_LIMIT_BYTES``: ``recompute``;
+      ``ROUTED_COPY_LIMIT_BYTES``: ``fused_cpu`` where it applies (below), else ``recompute``; neither keeps
+      a routed copy, and fused_cpu's forward is the faster one;
+    - CPU float32 inference with at least ``FUSED_CPU_MIN_QUERY_TOKENS`` queries per region, when the C++
+      kernel is built and no tool needs standard operators (export, tracing, FLOP counting): ``fused_cpu``,
+      which reads the routed regions in place (BiFormer stages 1-2);
     - CPU inference with small tiles (at most ``MATMUL_MAX_ROUTED_TOKENS`` routed keys and at least
-      ``MATMUL_MIN_QUERY_TOKENS`` queries per region: BiFormer-T stage 1 at 224 px): ``matmul``, where
-      PyTorch's fused CPU kernel spends more on its 32-query blocks than on the products;
+      ``MATMUL_MIN_QUERY_TOKENS`` queries per region: BiFormer-T stage 1 at 224 px) without the kernel:
+      ``matmul``, where PyTorch's fused CPU kernel spends more on its 32-query blocks than on the products;
     - otherwise ``sdpa``, the fastest backend at every other measured setting, training and inference.
     value_channels: channels of the values (default: those of the keys).
     """
@@ -115,8 +122,13 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
     training = tracks_gradients(query, key, region_weights)
     routed_copy = (indices.numel() * key_tokens * (key_channels + (value_channels or key_channels))
                    * key.element_size())
+    fused_cpu = (query.device.type == "cpu" and query.dtype == key.dtype == torch.float32
+                 and query.shape[2] >= FUSED_CPU_MIN_QUERY_TOKENS and not standard_ops_wanted()
+                 and fused_cpu_unavailable_reason() is None)
     if training and routed_copy > ROUTED_COPY_LIMIT_BYTES:
-        return "recompute"
+        return "fused_cpu" if fused_cpu else "recompute"
+    if fused_cpu and not training:
+        return "fused_cpu"
     if (not training and query.device.type == "cpu" and topk * key_tokens <= MATMUL_MAX_ROUTED_TOKENS
             and query.shape[2] >= MATMUL_MIN_QUERY_TOKENS):
         return "matmul"
@@ -141,5 +153,6 @@ def routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
 
 # The backends import split_heads/merge_heads from this module, so they are registered last.
 from .backends import BACKENDS as _FAST_BACKENDS  # noqa: E402
+from .backends.fused_cpu import fused_cpu_unavailable_reason, standard_ops_wanted  # noqa: E402
 
 ATTENTION_BACKENDS.update(_FAST_BACKENDS)

@@ -33,7 +33,7 @@ BRA_CASES = golden_cases("op", "op_bra") + golden_cases("op", "op_dbra")   # DBR
 # triton runs on CUDA, on CPU only under Triton's interpreter: triton_interpreter_cases.py, run by a test below
 FAST_BACKENDS = sorted(set(ATTENTION_BACKENDS) - {"reference", "triton"})
 TRAINABLE = [name for name in FAST_BACKENDS if name != "flex"]       # flex: no CPU backward in torch
-WEIGHTED = ["sdpa", "matmul", "recompute"]                                     # backends supporting region_weights
+WEIGHTED = ["sdpa", "matmul", "recompute", "fused_cpu"]                       # backends supporting region_weights
 
 
 def _build_op(case: dict, backend: str, fill) -> torch.nn.Module:
@@ -44,7 +44,7 @@ def _build_op(case: dict, backend: str, fill) -> torch.nn.Module:
 
 def test_registry_has_the_documented_backends():
     assert set(ATTENTION_BACKENDS) == {"reference", *backends.BACKENDS}
-    assert set(backends.BACKENDS) == {"sdpa", "matmul", "recompute", "dense_mask", "flex", "triton"}
+    assert set(backends.BACKENDS) == {"sdpa", "matmul", "recompute", "dense_mask", "fused_cpu", "flex", "triton"}
 
 
 @pytest.mark.parametrize("backend", [*FAST_BACKENDS, "auto"])
@@ -193,11 +193,10 @@ def test_sdpa_off_cpu_chunks_only_for_memory(monkeypatch, limit, calls):
 
 
 def test_matmul_inference_compiles_to_one_graph():
-    """The chunk loop with its reused buffers traces into one graph (auto picks matmul for this op)."""
-    op = bilevel.create_op("BiLevelRoutingAttention", dim=16, num_heads=2, n_win=3, topk=1).eval()
-    x = torch.randn(1, 24, 24, 16)                     # 9 regions of 64 tokens: matmul without autograd
+    """The chunk loop with its reused buffers traces into one graph."""
+    op = bilevel.create_op("BiLevelRoutingAttention", dim=16, num_heads=2, n_win=3, topk=1, backend="matmul").eval()
+    x = torch.randn(1, 24, 24, 16)                     # 9 regions of 64 tokens
     with torch.no_grad():
-        assert select_backend(*(torch.zeros(1, 9, 64, 16),) * 2, torch.zeros(1, 9, 1, dtype=torch.long)) == "matmul"
         expected = op(x)
         compiled = torch.compile(op, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(compiled, expected, atol=1e-6, rtol=1e-6)
@@ -300,7 +299,7 @@ def test_token_block_mask_covers_every_routed_pair():
 @pytest.mark.parametrize("weighted", [False, True])
 def test_recompute_kernels_and_chunks(monkeypatch, kernel, chunk_elements, weighted):
     monkeypatch.setattr(recompute, "CHUNK_ELEMENTS", chunk_elements)
-    monkeypatch.setattr(recompute, "_kernel_name", lambda query, value: kernel)
+    monkeypatch.setattr(recompute, "kernel_name", lambda query, value: kernel)
     _compare_with_reference("recompute", ODD_CASES["non_square_grid"], weighted)   # equal q/k and v head sizes
 
 
@@ -407,6 +406,8 @@ def test_shape_errors_name_the_argument():
 
 
 def test_auto_rule(monkeypatch):
+    """Without the fused_cpu kernel (its part of the rule: test_fused_cpu.py)."""
+    monkeypatch.setattr(attention, "fused_cpu_unavailable_reason", lambda: "not built")
     small = _random_inputs(1, 4, 4, 16, 16, 2, 8, 8, 2)          # 64 key tokens, half the regions routed
     large = _random_inputs(1, 49, 49, 64, 64, 2, 8, 8, 4)        # 3136 key tokens
     query, key, _, indices, weights = _random_inputs(1, 49, 49, 64, 64, 2, 8, 8, 4, weighted=True)
@@ -438,7 +439,8 @@ def test_benchmark_quick_mode(tmp_path, dtype):
     stem = tmp_path / ("bra_quick" if dtype == "float32" else f"bra_quick_{dtype}")
     report = json.loads(stem.with_suffix(".json").read_text())
     methods = {row["method"] for row in report["rows"]}
-    assert methods == {*FAST_BACKENDS, "reference", "auto", "dense SDPA", "window SDPA"}   # triton: no CUDA here
+    fast = set(FAST_BACKENDS) - ({"fused_cpu"} if dtype != "float32" else set())    # fused_cpu: float32 only
+    assert methods == {*fast, "reference", "auto", "dense SDPA", "window SDPA"}   # triton: no CUDA here
     assert report["meta"]["threads"] == torch.get_num_threads() and report["meta"]["torch"] == torch.__version__
     assert report["meta"]["dtype"] == dtype
     assert stem.with_suffix(".md").read_text().count("| quick 14px |") == len(methods)

@@ -13,6 +13,9 @@ name           idea                                                             
 ``recompute``  custom autograd function: saves only q, k, v, output and log-sum-exp;   yes
                the routed regions are re-selected in backward, in chunks of regions
 ``dense_mask`` all key tokens, biased by the log of the routing counts (small maps)    ValueError
+``fused_cpu``  one C++ kernel (CPU, float32, built on first use) reads the routed      yes
+               regions in place: BLAS products around an exact softmax; backward
+               as recompute's
 ``flex``       FlexAttention with a block mask from the routing indices (CUDA, least   ValueError
                memory; forward only on CPU, where torch has no FlexAttention backward)
 ``triton``     one Triton kernel per pass: the routed regions read in place inside an  ValueError
@@ -25,6 +28,7 @@ listed twice twice, as the reference does.
 """
 from .dense import dense_mask_routed_attention
 from .flex import flex_routed_attention
+from .fused_cpu import fused_cpu_routed_attention
 from .matmul import matmul_routed_attention
 from .recompute import recompute_routed_attention
 from .sdpa import sdpa_routed_attention
@@ -35,9 +39,11 @@ BACKENDS = {
     "matmul": matmul_routed_attention,
     "recompute": recompute_routed_attention,
     "dense_mask": dense_mask_routed_attention,
+    "fused_cpu": fused_cpu_routed_attention,
     "flex": flex_routed_attention,
     "triton": triton_routed_attention,
 }
 
 __all__ = ["BACKENDS", "sdpa_routed_attention", "matmul_routed_attention", "recompute_routed_attention",
-           "dense_mask_routed_attention", "flex_routed_attention", "triton_routed_attention"]
+           "dense_mask_routed_attention", "fused_cpu_routed_attention", "flex_routed_attention",
+           "triton_routed_attention"]

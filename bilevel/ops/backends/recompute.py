@@ -22,7 +22,8 @@ from torch.autograd.function import once_differentiable
 from ..attention import merge_heads, split_heads
 from ._select import check_shapes, flat_region_indices, select_regions
 
-__all__ = ["recompute_routed_attention", "CHUNK_ELEMENTS", "KERNELS"]
+__all__ = ["recompute_routed_attention", "routed_attention_backward", "regions_per_chunk", "kernel_name",
+           "CHUNK_ELEMENTS", "KERNELS"]
 
 #: upper bound on the elements one chunk holds (its routed k and v, or its score matrix): 16 MiB in fp32
 CHUNK_ELEMENTS = 1 << 22
@@ -55,17 +56,19 @@ def _flash_cpu_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
         grad_out, q, k, v, out, log_sum_exp, 0.0, False, scale=scale)
 
 
-#: name -> (forward, backward); chosen per call by :func:`_kernel_name`
+#: name -> (forward, backward); chosen per call by :func:`kernel_name`
 KERNELS = {"math": (_math_forward, _math_backward), "flash_cpu": (_flash_cpu_forward, _flash_cpu_backward)}
 
 
-def _kernel_name(query: Tensor, value: Tensor) -> str:
+def kernel_name(query: Tensor, value: Tensor) -> str:
+    """The entry of :data:`KERNELS` for these inputs: torch's flash CPU kernels where they apply, else math."""
     fused = query.device.type == "cpu" and query.shape[-1] == value.shape[-1]
     return "flash_cpu" if fused and query.dtype in (torch.float32, torch.float64, torch.bfloat16) else "math"
 
 
-def _regions_per_chunk(batch: int, num_heads: int, query_tokens: int, key_tokens: int, channels: int,
-                       topk: int) -> int:
+def regions_per_chunk(batch: int, num_heads: int, query_tokens: int, key_tokens: int, channels: int,
+                      topk: int) -> int:
+    """Routed regions per chunk: their k and v copies, or their score matrix, hold at most CHUNK_ELEMENTS."""
     per_region = batch * key_tokens * max(channels, num_heads * query_tokens)
     return max(1, min(topk, CHUNK_ELEMENTS // per_region))
 
@@ -81,6 +84,43 @@ def _routed_chunk(key: Tensor, value: Tensor, flat: Tensor, weights: Optional[Te
     return split_heads(k_chunk, num_heads), split_heads(v_chunk, num_heads)
 
 
+def routed_attention_backward(grad_output: Tensor, query: Tensor, key: Tensor, value: Tensor, flat: Tensor,
+                              weights: Optional[Tensor], out: Tensor, log_sum_exp: Tensor, scale: float,
+                              num_heads: int, chunk: int, kernel: str):
+    """Gradients of routed attention wrt query, key, value, (flat: None) and weights, from the forward's output
+    out (B, H, Tq, Dv) and log-sum-exp (B, H, Tq); the routed regions are re-selected ``chunk`` at a time.
+
+    Shapes as :class:`_RoutedAttentionFunction`; shared with :mod:`.fused_cpu`, whose kernel gives the same two.
+    """
+    batch, topk = flat.shape
+    query_tokens = query.shape[2]
+    q = split_heads(query.reshape(batch, query_tokens, -1), num_heads)                  # (B, H, Tq, D)
+    grad_out = split_heads(grad_output.contiguous().view(batch, query_tokens, -1), num_heads)  # (B, H, Tq, Dv)
+    attend_backward = KERNELS[kernel][1]
+    grad_q = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
+    grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    grad_weights = None if weights is None else torch.zeros_like(weights)
+    for start in range(0, topk, chunk):
+        stop = min(start + chunk, topk)
+        k_chunk, v_chunk = _routed_chunk(key, value, flat, weights, start, stop, num_heads)
+        grad_q_chunk, grad_k_chunk, grad_v_chunk = attend_backward(grad_out, q, k_chunk, v_chunk, out,
+                                                                   log_sum_exp, scale)
+        grad_q += grad_q_chunk
+        flat_chunk = flat[:, start:stop].reshape(-1)
+        grad_k_regions = merge_heads(grad_k_chunk).reshape(flat_chunk.numel(), *key.shape[2:])
+        grad_v_regions = merge_heads(grad_v_chunk).reshape(flat_chunk.numel(), *value.shape[2:])
+        if weights is not None:
+            factors = weights[:, start:stop].reshape(-1, 1, 1)
+            grad_weights[:, start:stop] = (
+                (grad_k_regions * select_regions(key, flat_chunk)).sum(dim=(1, 2))
+                + (grad_v_regions * select_regions(value, flat_chunk)).sum(dim=(1, 2))).view(batch, -1)
+            grad_k_regions, grad_v_regions = grad_k_regions * factors, grad_v_regions * factors
+        grad_key.view(-1, *key.shape[2:]).index_add_(0, flat_chunk, grad_k_regions)
+        grad_value.view(-1, *value.shape[2:]).index_add_(0, flat_chunk, grad_v_regions)
+    return merge_heads(grad_q).reshape(query.shape), grad_key, grad_value, None, grad_weights
+
+
 class _RoutedAttentionFunction(torch.autograd.Function):
     """query (N, Rq, Tq, H*D), key (N, Rk, Tk, H*D), value (N, Rk, Tk, H*Dv), flat (B, topk) with
     B = N * Rq indices into the N * Rk regions, weights (B, topk) or None -> (N, Rq, Tq, H*Dv)."""
@@ -90,7 +130,7 @@ class _RoutedAttentionFunction(torch.autograd.Function):
                 scale: float, num_heads: int, kernel: str) -> Tensor:
         n, num_queries, query_tokens, _ = query.shape
         batch, topk = flat.shape
-        chunk = _regions_per_chunk(batch, num_heads, query_tokens, key.shape[2], key.shape[3] + value.shape[3], topk)
+        chunk = regions_per_chunk(batch, num_heads, query_tokens, key.shape[2], key.shape[3] + value.shape[3], topk)
         attend = KERNELS[kernel][0]
         q = split_heads(query.reshape(batch, query_tokens, -1), num_heads)          # (B, H, Tq, D)
         out = log_sum_exp = None
@@ -112,35 +152,9 @@ class _RoutedAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         query, key, value, flat, weights, out, log_sum_exp = ctx.saved_tensors
-        scale, num_heads, chunk = ctx.scale, ctx.num_heads, ctx.chunk
-        attend_backward = KERNELS[ctx.kernel][1]
-        batch, topk = flat.shape
-        query_tokens = query.shape[2]
-        q = split_heads(query.reshape(batch, query_tokens, -1), num_heads)                  # (B, H, Tq, D)
-        grad_out = split_heads(grad_output.contiguous().view(batch, query_tokens, -1), num_heads)  # (B, H, Tq, Dv)
-        grad_q = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
-        grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
-        grad_weights = None if weights is None else torch.zeros_like(weights)
-        for start in range(0, topk, chunk):
-            stop = min(start + chunk, topk)
-            k_chunk, v_chunk = _routed_chunk(key, value, flat, weights, start, stop, num_heads)
-            grad_q_chunk, grad_k_chunk, grad_v_chunk = attend_backward(grad_out, q, k_chunk, v_chunk, out,
-                                                                       log_sum_exp, scale)
-            grad_q += grad_q_chunk
-            flat_chunk = flat[:, start:stop].reshape(-1)
-            grad_k_regions = merge_heads(grad_k_chunk).reshape(flat_chunk.numel(), *key.shape[2:])
-            grad_v_regions = merge_heads(grad_v_chunk).reshape(flat_chunk.numel(), *value.shape[2:])
-            if weights is not None:
-                factors = weights[:, start:stop].reshape(-1, 1, 1)
-                grad_weights[:, start:stop] = (
-                    (grad_k_regions * select_regions(key, flat_chunk)).sum(dim=(1, 2))
-                    + (grad_v_regions * select_regions(value, flat_chunk)).sum(dim=(1, 2))).view(batch, -1)
-                grad_k_regions, grad_v_regions = grad_k_regions * factors, grad_v_regions * factors
-            grad_key.view(-1, *key.shape[2:]).index_add_(0, flat_chunk, grad_k_regions)
-            grad_value.view(-1, *value.shape[2:]).index_add_(0, flat_chunk, grad_v_regions)
-        grad_query = merge_heads(grad_q).reshape(query.shape)
-        return grad_query, grad_key, grad_value, None, grad_weights, None, None, None
+        grads = routed_attention_backward(grad_output, query, key, value, flat, weights, out, log_sum_exp,
+                                          ctx.scale, ctx.num_heads, ctx.chunk, ctx.kernel)
+        return *grads, None, None, None
 
 
 def recompute_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
@@ -152,4 +166,4 @@ def recompute_routed_attention(query: Tensor, key: Tensor, value: Tensor, indice
     weights = None if region_weights is None else region_weights.reshape(n * num_queries, topk)
     # the fused CPU kernel needs unit stride along channels (DBRA hands over transposed queries)
     return _RoutedAttentionFunction.apply(query.contiguous(), key.contiguous(), value.contiguous(), flat, weights,
-                                          scale, num_heads, _kernel_name(query, value))
+                                          scale, num_heads, kernel_name(query, value))

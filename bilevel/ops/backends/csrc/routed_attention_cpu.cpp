@@ -1,0 +1,146 @@
+// Routed attention forward on the CPU, float32: every (query region, head, block of query rows) reads its
+// routed key and value regions in place (no routed copy) through BLAS products, with an exact softmax
+// over all routed keys in between. Built on first use by bilevel/ops/backends/fused_cpu.py.
+//
+// query   (B, Tq, H * D)   channel stride 1, any token and batch strides
+// key     (R, Tk, H * D)   channel stride 1; R regions of all images, indices point into them
+// value   (R, Tk, H * Dv)  channel stride 1
+// indices (B, topk) int64  routed regions of each query region
+// weights (B, topk) or none: factors on the routed keys and values (soft routing)
+// returns out (B, Tq, H * Dv) and the log-sum-exp of the scaled scores (B, H, Tq)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+// The BLAS PyTorch links (MKL on x86-64 wheels, OpenBLAS elsewhere); column-major, 32-bit sizes.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace {
+
+constexpr int64_t kQueryBlock = 64;
+
+void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  sgemm_(&transa, &transb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+}
+
+void check_operand(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 3,
+              "routed_attention_forward: ", name, " must be a 3-d float32 CPU tensor");
+  TORCH_CHECK(t.stride(2) == 1, "routed_attention_forward: ", name, " needs channel stride 1");
+  TORCH_CHECK(t.stride(0) < std::numeric_limits<int>::max() && t.stride(1) < std::numeric_limits<int>::max(),
+              "routed_attention_forward: ", name, " is too large for 32-bit BLAS strides");
+}
+
+std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& query, const at::Tensor& key,
+                                                            const at::Tensor& value, const at::Tensor& indices,
+                                                            const std::optional<at::Tensor>& weights,
+                                                            double scale, int64_t num_heads) {
+  check_operand(query, "query");
+  check_operand(key, "key");
+  check_operand(value, "value");
+  const int64_t batch = query.size(0), query_tokens = query.size(1), channels = query.size(2);
+  const int64_t regions = key.size(0), key_tokens = key.size(1), value_channels = value.size(2);
+  TORCH_CHECK(key.size(2) == channels && value.size(0) == regions && value.size(1) == key_tokens,
+              "routed_attention_forward: key and value must be (R, Tk, C) and (R, Tk, Cv) with C of query");
+  TORCH_CHECK(num_heads > 0 && channels % num_heads == 0 && value_channels % num_heads == 0,
+              "routed_attention_forward: channels must be divisible by num_heads");
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 2 && indices.size(0) == batch &&
+                  indices.is_contiguous(),
+              "routed_attention_forward: indices must be contiguous int64 (B, topk)");
+  const int64_t topk = indices.size(1);
+  TORCH_CHECK(topk > 0 && key_tokens > 0, "routed_attention_forward: needs at least one routed region of at least "
+              "one token; got topk=", topk, " and ", key_tokens, " tokens per key region");
+  const int64_t* routed = indices.data_ptr<int64_t>();
+  for (int64_t i = 0; i < indices.numel(); ++i) {
+    TORCH_CHECK(routed[i] >= 0 && routed[i] < regions, "routed_attention_forward: index ", routed[i],
+                " is outside the ", regions, " key regions");
+  }
+  const float* factors = nullptr;
+  if (weights.has_value()) {
+    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->is_contiguous() &&
+                    weights->sizes() == indices.sizes(),
+                "routed_attention_forward: weights must be contiguous float32 shaped like indices");
+    factors = weights->data_ptr<float>();
+  }
+
+  const int64_t head_dim = channels / num_heads, value_head_dim = value_channels / num_heads;
+  const int64_t routed_tokens = topk * key_tokens;
+  const int64_t query_blocks = (query_tokens + kQueryBlock - 1) / kQueryBlock;
+  auto out = at::empty({batch, query_tokens, value_channels}, query.options());
+  auto log_sum_exp = at::empty({batch, num_heads, query_tokens}, query.options());
+  const float* q = query.data_ptr<float>();
+  const float* k = key.data_ptr<float>();
+  const float* v = value.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  float* lse = log_sum_exp.data_ptr<float>();
+  const float alpha = static_cast<float>(scale);
+
+  at::parallel_for(0, batch * num_heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(std::min(kQueryBlock, query_tokens) * routed_tokens);   // rows x routed keys
+    std::vector<float> row_sums(kQueryBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (num_heads * query_blocks);
+      const int64_t head = item / query_blocks % num_heads;
+      const int64_t first_row = item % query_blocks * kQueryBlock;
+      const int64_t rows = std::min(kQueryBlock, query_tokens - first_row);
+      const float* q_block = q + b * query.stride(0) + first_row * query.stride(1) + head * head_dim;
+      // scores[r, j * Tk + t] = scale * w_j * q_r . k_t of routed region j (column-major: scoresᵀ = K qᵀ)
+      for (int64_t j = 0; j < topk; ++j) {
+        const int64_t region = routed[b * topk + j];
+        const float factor = factors ? factors[b * topk + j] : 1.f;
+        gemm('T', 'N', key_tokens, rows, head_dim, alpha * factor, k + region * key.stride(0) + head * head_dim,
+             key.stride(1), q_block, query.stride(1), 0.f, scores.data() + j * key_tokens, routed_tokens);
+      }
+      float* lse_block = lse + (b * num_heads + head) * query_tokens + first_row;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = scores.data() + r * routed_tokens;
+        float row_max = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < routed_tokens; ++t) row_max = std::max(row_max, row[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < routed_tokens; ++t) {
+          const float e = std::exp(row[t] - row_max);
+          row[t] = e;
+          sum += e;
+        }
+        row_sums[r] = sum;
+        lse_block[r] = row_max + std::log(sum);
+      }
+      // out rows = sum_j w_j * P_j V_j (column-major: outᵀ = V_jᵀ P_jᵀ), then divided by the row sums
+      float* out_block = o + (b * query_tokens + first_row) * value_channels + head * value_head_dim;
+      for (int64_t j = 0; j < topk; ++j) {
+        const int64_t region = routed[b * topk + j];
+        const float factor = factors ? factors[b * topk + j] : 1.f;
+        gemm('N', 'N', value_head_dim, rows, key_tokens, factor, v + region * value.stride(0) + head * value_head_dim,
+             value.stride(1), scores.data() + j * key_tokens, routed_tokens, j ? 1.f : 0.f, out_block,
+             value_channels);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inverse = 1.f / row_sums[r];
+        float* out_row = out_block + r * value_channels;
+        for (int64_t c = 0; c < value_head_dim; ++c) out_row[c] *= inverse;
+      }
+    }
+  });
+  return {out, log_sum_exp};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bilevel, m) {
+  m.def("routed_attention_forward(Tensor query, Tensor key, Tensor value, Tensor indices, Tensor? weights, "
+        "float scale, int num_heads) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bilevel, CPU, m) {
+  m.impl("routed_attention_forward", TORCH_FN(routed_attention_forward));
+}
