@@ -162,6 +162,24 @@ def _run_fallback(setup: str, env: dict) -> str:
     return result.stdout + result.stderr
 
 
+def test_concurrent_first_calls_load_the_kernel_once():
+    """An app's first requests may arrive together: every thread gets the kernel, none an error."""
+    script = textwrap.dedent("""
+        import threading
+        from bilevel.ops.backends import fused_cpu
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(fused_cpu.fused_cpu_available())) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print("available:", results)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "available: [True, True, True, True]" in result.stdout, result.stderr
+
+
 def test_switched_off_by_the_environment():
     output = _run_fallback("", {**os.environ, "BILEVEL_CPU_KERNEL": "0"})
     assert "auto: matmul" in output

@@ -18,9 +18,9 @@ keeps to the other backends and ``backend="fused_cpu"`` raises ValueError saying
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +43,8 @@ SOURCE = Path(__file__).with_name("csrc") / "routed_attention_cpu.cpp"
 #: set to 0 to never build or use the kernel
 ENVIRONMENT_SWITCH = "BILEVEL_CPU_KERNEL"
 KERNEL_NAME = "routed_attention_cpu"
+_BUILD_LOCK = threading.Lock()
+_BUILD_OUTCOME: list[Optional[str]] = []     # after the first attempt: [None] or [the reason it failed]
 
 
 def _compiler_flags() -> list[str]:
@@ -74,9 +76,16 @@ def build_directory() -> Path:
     return Path(root) / f"bilevel_{KERNEL_NAME}_torch{torch.__version__.replace('+', '_')}"
 
 
-@functools.lru_cache(maxsize=None)
 def build_kernel() -> Optional[str]:
-    """Compile (first time for this torch) and load the kernel; None when it is ready, else the reason it is not."""
+    """Compile (first time for this torch) and load the kernel, once per process; None when it is ready, else
+    the reason it is not. Thread-safe: concurrent first calls (an app's first requests) wait for one build."""
+    with _BUILD_LOCK:
+        if not _BUILD_OUTCOME:
+            _BUILD_OUTCOME.append(_build_and_load())
+        return _BUILD_OUTCOME[0]
+
+
+def _build_and_load() -> Optional[str]:
     if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
         return f"turned off by {ENVIRONMENT_SWITCH}=0"
     cpp_extension_logger = logging.getLogger("torch.utils.cpp_extension")
