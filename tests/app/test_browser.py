@@ -23,7 +23,7 @@ ROUTES_IMAGE = "#routes img"
 HEAT_IMAGE = "#heat img"
 MASK_IMAGE = "#mask img"
 CHANGED = "([selector, old]) => document.querySelector(selector)?.src !== old"
-LOADED = "selector => document.querySelector(selector)?.complete"
+LOADED = "selector => document.querySelector(selector)?.complete && document.querySelector(selector).naturalWidth > 0"
 VALID_NUMBERS = "() => [...document.querySelectorAll('input[type=number]')].every(box => box.validity.valid)"
 UPLOAD_CLEAR = "#upload button[aria-label=Clear]"
 NOTHING_IN_PROGRESS = ("() => ![...document.querySelectorAll('[data-testid=status-tracker]')]"
@@ -85,6 +85,7 @@ def test_upload_then_click_changes_the_overlay(launched_app, shape_pictures, tmp
         page.wait_for_selector(HEAT_IMAGE, timeout=60_000)
         before_src = {image: page.locator(image).get_attribute("src") for image in (ROUTES_IMAGE, HEAT_IMAGE)}
         passes = predictor.forward_passes
+        page.wait_for_function(LOADED, arg=ROUTES_IMAGE, timeout=30_000)
         box = page.locator(ROUTES_IMAGE).bounding_box()
         page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.85)
         for image, old in before_src.items():
@@ -112,6 +113,9 @@ def test_keys_redraw_the_view_values_out_of_range_are_clamped_and_clearing_reset
         assert "query region 36 of the 8x8 grid in blue" in page.locator(ROUTES_IMAGE).get_attribute("alt")
         page.get_by_role("slider", name="range slider for Stage").press("ArrowRight")
         page.get_by_text("Stage 1, layer 0").wait_for(timeout=30_000)
+        # the redrawn picture must be in place before the click: one still loading has no size to locate it on
+        page.wait_for_function(NOTHING_IN_PROGRESS, timeout=30_000)
+        page.wait_for_function(LOADED, arg=ROUTES_IMAGE, timeout=30_000)
         box = page.locator(ROUTES_IMAGE).bounding_box()
         page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.85)
         page.get_by_text("query region 55 of the 8x8 grid").wait_for(timeout=30_000)
