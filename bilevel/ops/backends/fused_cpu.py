@@ -12,8 +12,9 @@ the routed regions chunk by chunk, so no routed copy is kept either.
 
 The kernel is compiled on first use with the machine's C++ compiler, about 10 s, once per torch version
 (the build is kept under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; ``make setup``
-builds it). Without a compiler, or with ``BILEVEL_CPU_KERNEL=0``, :func:`fused_cpu_available` is False, ``auto``
-keeps to the other backends and ``backend="fused_cpu"`` raises ValueError saying why.
+builds it). Where it cannot be built (no compiler, a failed build) or with ``BILEVEL_CPU_KERNEL=0``,
+:func:`fused_cpu_available` is False, ``auto`` keeps to the other backends and ``backend="fused_cpu"`` raises
+ValueError saying why.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ _BUILD_OUTCOME: list[Optional[str]] = []     # after the first attempt: [None] o
 def _compiler_flags() -> list[str]:
     flags = ["-O3", "-ffast-math", "-fopenmp"]   # vectorized exp (libmvec); OpenMP: at::parallel_for runs in parallel
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]       # AVX-512 code measured slower (clock drop on the exp loop)
+        flags += ["-mavx2", "-mfma"]       # AVX-512 code (-march=native) measured 10-20 % slower here
     return flags
 
 
