@@ -122,12 +122,15 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
     training = tracks_gradients(query, key, region_weights)
     routed_copy = (indices.numel() * key_tokens * (key_channels + (value_channels or key_channels))
                    * key.element_size())
-    fused_cpu = (query.device.type == "cpu" and query.dtype == key.dtype == torch.float32
-                 and query.shape[2] >= FUSED_CPU_MIN_QUERY_TOKENS and not standard_ops_wanted()
-                 and fused_cpu_unavailable_reason() is None)
+
+    def fused_cpu_applies() -> bool:    # asked only where it decides: the first answer may build the kernel
+        return (query.device.type == "cpu" and query.dtype == key.dtype == torch.float32
+                and query.shape[2] >= FUSED_CPU_MIN_QUERY_TOKENS and not standard_ops_wanted()
+                and fused_cpu_unavailable_reason() is None)
+
     if training and routed_copy > ROUTED_COPY_LIMIT_BYTES:
-        return "fused_cpu" if fused_cpu else "recompute"
-    if fused_cpu and not training:
+        return "fused_cpu" if fused_cpu_applies() else "recompute"
+    if not training and fused_cpu_applies():
         return "fused_cpu"
     if (not training and query.device.type == "cpu" and topk * key_tokens <= MATMUL_MAX_ROUTED_TOKENS
             and query.shape[2] >= MATMUL_MIN_QUERY_TOKENS):

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..attention import split_heads, tracks_gradients
 from ._select import check_shapes, flat_region_indices, unit_channel_stride
-from .recompute import kernel_name, regions_per_chunk, routed_attention_backward
+from .recompute import routed_attention_backward
 
 __all__ = ["fused_cpu_routed_attention", "fused_cpu_available", "fused_cpu_unavailable_reason", "build_kernel",
            "standard_ops_wanted", "SOURCE"]
@@ -167,12 +167,8 @@ class _FusedRoutedAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         query, key, value, flat, weights, out, log_sum_exp = ctx.saved_tensors
-        batch, topk = flat.shape
-        chunk = regions_per_chunk(batch, ctx.num_heads, query.shape[2], key.shape[2], key.shape[3] + value.shape[3],
-                                  topk)
         grads = routed_attention_backward(grad_output, query, key, value, flat, weights,
-                                          split_heads(out, ctx.num_heads), log_sum_exp, ctx.scale, ctx.num_heads,
-                                          chunk, kernel_name(query, value))
+                                          split_heads(out, ctx.num_heads), log_sum_exp, ctx.scale, ctx.num_heads)
         return *grads, None, None
 
 

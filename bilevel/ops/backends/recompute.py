@@ -86,14 +86,17 @@ def _routed_chunk(key: Tensor, value: Tensor, flat: Tensor, weights: Optional[Te
 
 def routed_attention_backward(grad_output: Tensor, query: Tensor, key: Tensor, value: Tensor, flat: Tensor,
                               weights: Optional[Tensor], out: Tensor, log_sum_exp: Tensor, scale: float,
-                              num_heads: int, chunk: int, kernel: str):
+                              num_heads: int):
     """Gradients of routed attention wrt query, key, value, (flat: None) and weights, from the forward's output
-    out (B, H, Tq, Dv) and log-sum-exp (B, H, Tq); the routed regions are re-selected ``chunk`` at a time.
+    out (B, H, Tq, Dv) and log-sum-exp (B, H, Tq); the routed regions are re-selected chunk by chunk
+    (:func:`regions_per_chunk`), each attended by the kernel :func:`kernel_name` picks.
 
     Shapes as :class:`_RoutedAttentionFunction`; shared with :mod:`.fused_cpu`, whose kernel gives the same two.
     """
     batch, topk = flat.shape
     query_tokens = query.shape[2]
+    chunk = regions_per_chunk(batch, num_heads, query_tokens, key.shape[2], key.shape[3] + value.shape[3], topk)
+    kernel = kernel_name(query, value)
     q = split_heads(query.reshape(batch, query_tokens, -1), num_heads)                  # (B, H, Tq, D)
     grad_out = split_heads(grad_output.contiguous().view(batch, query_tokens, -1), num_heads)  # (B, H, Tq, Dv)
     attend_backward = KERNELS[kernel][1]
@@ -127,11 +130,11 @@ class _RoutedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, flat: Tensor, weights: Optional[Tensor],
-                scale: float, num_heads: int, kernel: str) -> Tensor:
+                scale: float, num_heads: int) -> Tensor:
         n, num_queries, query_tokens, _ = query.shape
         batch, topk = flat.shape
         chunk = regions_per_chunk(batch, num_heads, query_tokens, key.shape[2], key.shape[3] + value.shape[3], topk)
-        attend = KERNELS[kernel][0]
+        attend = KERNELS[kernel_name(query, value)][0]
         q = split_heads(query.reshape(batch, query_tokens, -1), num_heads)          # (B, H, Tq, D)
         out = log_sum_exp = None
         for start in range(0, topk, chunk):
@@ -145,7 +148,7 @@ class _RoutedAttentionFunction(torch.autograd.Function):
             out.add_(chunk_out.mul_(chunk_lse.sub_(merged_lse).exp_().unsqueeze(-1)))
             log_sum_exp = merged_lse
         ctx.save_for_backward(query, key, value, flat, weights, out, log_sum_exp)
-        ctx.scale, ctx.num_heads, ctx.chunk, ctx.kernel = scale, num_heads, chunk, kernel
+        ctx.scale, ctx.num_heads = scale, num_heads
         return merge_heads(out).reshape(n, num_queries, query_tokens, -1)
 
     @staticmethod
@@ -153,8 +156,8 @@ class _RoutedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         query, key, value, flat, weights, out, log_sum_exp = ctx.saved_tensors
         grads = routed_attention_backward(grad_output, query, key, value, flat, weights, out, log_sum_exp,
-                                          ctx.scale, ctx.num_heads, ctx.chunk, ctx.kernel)
-        return *grads, None, None, None
+                                          ctx.scale, ctx.num_heads)
+        return *grads, None, None
 
 
 def recompute_routed_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
@@ -166,4 +169,4 @@ def recompute_routed_attention(query: Tensor, key: Tensor, value: Tensor, indice
     weights = None if region_weights is None else region_weights.reshape(n * num_queries, topk)
     # the fused CPU kernel needs unit stride along channels (DBRA hands over transposed queries)
     return _RoutedAttentionFunction.apply(query.contiguous(), key.contiguous(), value.contiguous(), flat, weights,
-                                          scale, num_heads, kernel_name(query, value))
+                                          scale, num_heads)
