@@ -39,10 +39,29 @@ def test_several_query_blocks_and_unequal_head_sizes(weighted):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_scores_far_below_the_row_maximum_underflow_as_in_the_reference():
+    """Scores spread over hundreds: the kernel's own exp must give 0 below e^-87 and stay exact near the maximum.
+    Small integer queries and keys make every score exact, so only the exponentials can differ."""
+    generator = torch.Generator().manual_seed(11)
+    query, key = (torch.randint(-3, 4, (2, 4, 20, 32), generator=generator).float().requires_grad_()
+                  for _ in range(2))
+    value = torch.randn(2, 4, 20, 16, generator=generator, requires_grad=True)
+    indices = torch.rand(2, 4, 4, generator=generator).argsort(-1)[..., :2]
+    outputs = [function(query, key, value, indices, 8.0, 2)
+               for function in (reference_routed_attention, fused_cpu.fused_cpu_routed_attention)]
+    scores = 8.0 * query.detach()[0, 0, :, :16] @ key.detach()[0, 0, :, :16].T
+    assert (scores.amax(-1, keepdim=True) - scores).max() > 200, "the case must reach exp's underflow"
+    grad_out = torch.randn(outputs[0].shape, generator=generator)
+    expected, actual = (torch.autograd.grad(out, (query, key, value), grad_out) for out in outputs)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("operand", ["query", "key", "value"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 def test_non_finite_inputs_spread_as_in_the_reference(operand, bad):
-    """The kernel is compiled with -ffast-math (vectorized exp): NaN and inf must still reach the same outputs."""
+    """The kernel is compiled with -ffast-math and has its own exp: NaN and inf must still reach the same outputs."""
     query, key, value, indices, _ = (t.detach() if isinstance(t, torch.Tensor) else t
                                      for t in _random_inputs(1, 4, 4, 8, 8, 2, 8, 8, 2))
     {"query": query, "key": key, "value": value}[operand][0, 0, 0, 0] = bad

