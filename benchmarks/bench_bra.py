@@ -1,7 +1,7 @@
 """Benchmark the BRA attention core: every backend against the reference gather implementation.
 
 For each setting (BiFormer-T stages at 224 px, batch 1 and 8; segmentation stage-1/2 maps at 512 px
-and 1024 px) the routed attention core ``routed_attention(q, k, v, indices)`` runs with q, k, v of
+and 1024 px; a map of 4-token and one of 1-token regions) the routed attention core ``routed_attention(q, k, v, indices)`` runs with q, k, v of
 the stage's width and indices from real top-k routing of the region means, next to two baselines
 of the same width: dense SDPA over all tokens and window attention (SDPA inside windows of
 ``topk * tokens per region`` tokens, the same keys per query as routing). Measured side by side:
@@ -75,6 +75,9 @@ SETTINGS = [
     Setting("512px stage2", 1, 64, 128, 4, 8, 4),
     Setting("1024px stage1", 1, 256, 64, 2, 16, 1),
     Setting("1024px stage2", 1, 128, 128, 4, 16, 4),
+    # regions of a few tokens (a 28² map cut 14 or 28 times per side), where auto's CPU choice must hold too
+    Setting("28² map, 4-token regions", 2, 28, 128, 4, 14, 16),
+    Setting("28² map, 1-token regions", 2, 28, 128, 4, 28, 16),
 ]
 QUICK_SETTINGS = [Setting("quick 14px", 1, 14, 32, 2, 7, 4)]
 

@@ -86,9 +86,6 @@ ROUTED_COPY_LIMIT_BYTES = 256 * 2 ** 20
 MATMUL_MAX_ROUTED_TOKENS = 128
 #: ... and at least this many query tokens per region (fewer: its per-head calls cost more than they save)
 MATMUL_MIN_QUERY_TOKENS = 32
-#: CPU float32 inference: fused_cpu is chosen from this many query tokens per region (fewer: BLAS calls on
-#: tiles of a few rows cost more than they save)
-FUSED_CPU_MIN_QUERY_TOKENS = 16
 
 
 def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: Optional[Tensor] = None,
@@ -103,9 +100,9 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
     - training where the routed copy sdpa keeps for backward (topk x the size of k and v) would exceed
       ``ROUTED_COPY_LIMIT_BYTES``: ``fused_cpu`` where it applies (below), else ``recompute``; neither keeps
       a routed copy, and fused_cpu's forward is the faster one;
-    - CPU float32 inference with at least ``FUSED_CPU_MIN_QUERY_TOKENS`` queries per region, when the C++
-      kernel is built and no tool needs standard operators (export, tracing, FLOP counting): ``fused_cpu``,
-      which reads the routed regions in place (BiFormer stages 1-2);
+    - CPU float32 inference, when the C++ kernel is built and no tool needs standard operators (export,
+      tracing, FLOP counting): ``fused_cpu``, which reads routed regions of 32 or more tokens in place and packs
+      smaller ones (faster than sdpa and matmul from regions of 1 token to 256 in ``bench_bra.py``);
     - CPU inference with small tiles (at most ``MATMUL_MAX_ROUTED_TOKENS`` routed keys and at least
       ``MATMUL_MIN_QUERY_TOKENS`` queries per region: BiFormer-T stage 1 at 224 px) without the kernel:
       ``matmul``, where PyTorch's fused CPU kernel spends more on its 32-query blocks than on the products;
@@ -125,7 +122,7 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
 
     def fused_cpu_applies() -> bool:    # asked only where it decides: the first answer may build the kernel
         return (query.device.type == "cpu" and query.dtype == key.dtype == torch.float32
-                and query.shape[2] >= FUSED_CPU_MIN_QUERY_TOKENS and not standard_ops_wanted()
+                and not standard_ops_wanted()
                 and fused_cpu_unavailable_reason() is None)
 
     if training and routed_copy > ROUTED_COPY_LIMIT_BYTES:

@@ -26,9 +26,11 @@ def test_kernel_is_built_on_this_machine():
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "region_weights"])
-def test_several_query_blocks_and_unequal_head_sizes(weighted):
-    """150 queries per region: blocks of 64, 64 and 22 rows; 70 key tokens; value heads wider than q/k heads."""
-    query, key, value, indices, weights = _random_inputs(2, 3, 5, 150, 70, 2, 8, 12, 2, weighted=weighted)
+@pytest.mark.parametrize("key_tokens", [70, 12], ids=["read_in_place", "packed"])
+def test_several_query_blocks_and_unequal_head_sizes(key_tokens, weighted):
+    """150 queries per region: blocks of 64, 64 and 22 rows; value heads wider than q/k heads; key regions of 70
+    tokens (read in place) or of 12 (packed once per query region and head, reused by its three blocks)."""
+    query, key, value, indices, weights = _random_inputs(2, 3, 5, 150, key_tokens, 2, 8, 12, 2, weighted=weighted)
     tensors = [query, key, value] + ([weights] if weighted else [])
     outputs = [function(query, key, value, indices, 0.3, 2, region_weights=weights)
                for function in (reference_routed_attention, fused_cpu.fused_cpu_routed_attention)]
@@ -97,18 +99,19 @@ def test_training_saves_no_routed_copy():
 
 def test_auto_takes_the_kernel_for_cpu_inference_only(monkeypatch):
     stage1 = _random_inputs(1, 49, 49, 64, 64, 2, 8, 8, 1)        # 64 queries per region
-    few_queries = _random_inputs(1, 49, 49, 4, 64, 2, 8, 8, 4)    # 4 queries per region
+    one_token = _random_inputs(1, 300, 300, 1, 1, 2, 8, 8, 16)    # 1-token regions, too many keys for dense_mask
     with torch.no_grad():
         assert select_backend(stage1[0], stage1[1], stage1[3]) == "fused_cpu"
+        assert select_backend(one_token[0], one_token[1], one_token[3]) == "fused_cpu"
         assert select_backend(stage1[0].double(), stage1[1].double(), stage1[3]) == "matmul"
-        assert select_backend(few_queries[0], few_queries[1], few_queries[3]) == "sdpa"
+        assert select_backend(one_token[0].double(), one_token[1].double(), one_token[3]) == "sdpa"
         monkeypatch.setattr(attention, "fused_cpu_unavailable_reason", lambda: "no compiler")
         assert select_backend(stage1[0], stage1[1], stage1[3]) == "matmul"
     assert select_backend(stage1[0], stage1[1], stage1[3]) == "sdpa"           # training
     monkeypatch.setattr(attention, "fused_cpu_unavailable_reason", lambda: None)
     monkeypatch.setattr(attention, "ROUTED_COPY_LIMIT_BYTES", 1)                 # a routed copy too large to keep
     assert select_backend(stage1[0], stage1[1], stage1[3]) == "fused_cpu"
-    assert select_backend(few_queries[0], few_queries[1], few_queries[3]) == "recompute"
+    assert select_backend(one_token[0], one_token[1], one_token[3]) == "fused_cpu"
 
 
 def _bra_op_and_map():

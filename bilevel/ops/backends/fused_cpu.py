@@ -1,11 +1,13 @@
-"""Routed attention in one C++ kernel per call (CPU, float32): the routed regions are read in place.
+"""Routed attention in one C++ kernel per call (CPU, float32): no routed copy of k and v.
 
 The CPU side of the official to-do "fuse gather and attention". For every query region, head and block of
 up to 64 query rows, ``csrc/routed_attention_cpu.cpp`` multiplies the queries with each routed key region
 where it lies (a BLAS product per region, strided by the head), takes an exact softmax over all routed keys
 and adds the routed value regions the same way. Nothing is gathered and no head is split or merged; the
 score block stays in cache. PyTorch's fused CPU kernel, behind ``sdpa``, cuts fewer than 192 queries into
-blocks of 32 rows, and ``sdpa`` first copies the routed regions.
+blocks of 32 rows, and ``sdpa`` first copies the routed regions. Key regions of fewer than 32 tokens would
+make BLAS calls of a few rows each: those are copied, for one query region and head at a time, into a small
+buffer that one product reads (2-2.5x faster for 4-token regions, 5-10 % for 16-token ones).
 
 Backward (training) is :mod:`.recompute`'s: the kernel also returns the log-sum-exp, and backward re-selects
 the routed regions chunk by chunk, so no routed copy is kept either.

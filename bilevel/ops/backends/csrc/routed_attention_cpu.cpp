@@ -1,6 +1,7 @@
 // Routed attention forward on the CPU, float32: every (query region, head, block of query rows) reads its
-// routed key and value regions in place (no routed copy) through BLAS products, with an exact softmax
-// over all routed keys in between. Built on first use by bilevel/ops/backends/fused_cpu.py.
+// routed key and value regions in place (no routed copy; small regions through a per-thread buffer) with
+// BLAS products, and an exact softmax over all routed keys in between. Built on first use by
+// bilevel/ops/backends/fused_cpu.py.
 //
 // query   (B, Tq, H * D)   channel stride 1, any token and batch strides
 // key     (R, Tk, H * D)   channel stride 1; R regions of all images, indices point into them
@@ -30,6 +31,18 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace {
 
 constexpr int64_t kQueryBlock = 64;
+// Key regions of fewer tokens are packed per query region and head (see routed_attention_forward).
+constexpr int64_t kPackBelowKeyTokens = 32;
+
+// Consecutive routed keys of one head, read as a BLAS operand: tokens rows, row strides in floats.
+struct KeySegment {
+  const float* key;
+  int64_t key_stride;
+  const float* value;
+  int64_t value_stride;
+  int64_t tokens;
+  float factor;      // region weight (1 when packed: the copy carries it)
+};
 
 #if defined(__AVX2__) && defined(__FMA__)
 // exp(x) of 8 floats x <= 0 (scores minus their row maximum): 2^n e^r with n = round(x / ln 2), r = x - n ln 2 in
@@ -137,21 +150,53 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& qu
   float* lse = log_sum_exp.data_ptr<float>();
   const float alpha = static_cast<float>(scale);
 
+  // Small key regions are first copied, for one query region and head, into a packed buffer (scaled by their
+  // region weights): one product over all routed keys then replaces topk products of a few rows each.
+  const bool pack = key_tokens < kPackBelowKeyTokens;
   at::parallel_for(0, batch * num_heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(std::min(kQueryBlock, query_tokens) * routed_tokens);   // rows x routed keys
     std::vector<float> row_sums(kQueryBlock);
+    std::vector<float> packed_key(pack ? routed_tokens * head_dim : 0);
+    std::vector<float> packed_value(pack ? routed_tokens * value_head_dim : 0);
+    std::vector<KeySegment> segments;
+    int64_t packed_for = -1;                       // the (query region, head) packed_key and packed_value hold
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (num_heads * query_blocks);
       const int64_t head = item / query_blocks % num_heads;
       const int64_t first_row = item % query_blocks * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, query_tokens - first_row);
+      if (!pack) {
+        segments.clear();
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t region = routed[b * topk + j];
+          segments.push_back({k + region * key.stride(0) + head * head_dim, key.stride(1),
+                              v + region * value.stride(0) + head * value_head_dim, value.stride(1), key_tokens,
+                              factors ? factors[b * topk + j] : 1.f});
+        }
+      } else if (packed_for != item / query_blocks) {
+        packed_for = item / query_blocks;
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t region = routed[b * topk + j];
+          const float factor = factors ? factors[b * topk + j] : 1.f;
+          for (int64_t t = 0; t < key_tokens; ++t) {
+            const float* key_row = k + region * key.stride(0) + t * key.stride(1) + head * head_dim;
+            const float* value_row = v + region * value.stride(0) + t * value.stride(1) + head * value_head_dim;
+            float* key_copy = packed_key.data() + (j * key_tokens + t) * head_dim;
+            float* value_copy = packed_value.data() + (j * key_tokens + t) * value_head_dim;
+            for (int64_t c = 0; c < head_dim; ++c) key_copy[c] = factor * key_row[c];
+            for (int64_t c = 0; c < value_head_dim; ++c) value_copy[c] = factor * value_row[c];
+          }
+        }
+        segments = {{packed_key.data(), head_dim, packed_value.data(), value_head_dim, routed_tokens, 1.f}};
+      }
       const float* q_block = q + b * query.stride(0) + first_row * query.stride(1) + head * head_dim;
-      // scores[r, j * Tk + t] = scale * w_j * q_r . k_t of routed region j (column-major: scoresᵀ = K qᵀ)
-      for (int64_t j = 0; j < topk; ++j) {
-        const int64_t region = routed[b * topk + j];
-        const float factor = factors ? factors[b * topk + j] : 1.f;
-        gemm('T', 'N', key_tokens, rows, head_dim, alpha * factor, k + region * key.stride(0) + head * head_dim,
-             key.stride(1), q_block, query.stride(1), 0.f, scores.data() + j * key_tokens, routed_tokens);
+      // scores[r, s + t] = scale * w * q_r . k_t of the segment starting at routed key s (column-major:
+      // scoresᵀ = K qᵀ)
+      int64_t first_key = 0;
+      for (const KeySegment& segment : segments) {
+        gemm('T', 'N', segment.tokens, rows, head_dim, alpha * segment.factor, segment.key, segment.key_stride,
+             q_block, query.stride(1), 0.f, scores.data() + first_key, routed_tokens);
+        first_key += segment.tokens;
       }
       float* lse_block = lse + (b * num_heads + head) * query_tokens + first_row;
       for (int64_t r = 0; r < rows; ++r) {
@@ -162,14 +207,13 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& qu
         row_sums[r] = sum;
         lse_block[r] = row_max + std::log(sum);
       }
-      // out rows = sum_j w_j * P_j V_j (column-major: outᵀ = V_jᵀ P_jᵀ), then divided by the row sums
+      // out rows = sum over segments of w * P V (column-major: outᵀ = Vᵀ Pᵀ), then divided by the row sums
       float* out_block = o + (b * query_tokens + first_row) * value_channels + head * value_head_dim;
-      for (int64_t j = 0; j < topk; ++j) {
-        const int64_t region = routed[b * topk + j];
-        const float factor = factors ? factors[b * topk + j] : 1.f;
-        gemm('N', 'N', value_head_dim, rows, key_tokens, factor, v + region * value.stride(0) + head * value_head_dim,
-             value.stride(1), scores.data() + j * key_tokens, routed_tokens, j ? 1.f : 0.f, out_block,
-             value_channels);
+      first_key = 0;
+      for (const KeySegment& segment : segments) {
+        gemm('N', 'N', value_head_dim, rows, segment.tokens, segment.factor, segment.value, segment.value_stride,
+             scores.data() + first_key, routed_tokens, first_key ? 1.f : 0.f, out_block, value_channels);
+        first_key += segment.tokens;
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float inverse = 1.f / row_sums[r];
