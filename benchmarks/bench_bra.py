@@ -1,10 +1,11 @@
 """Benchmark the BRA attention core: every backend against the reference gather implementation.
 
 For each setting (BiFormer-T stages at 224 px, batch 1 and 8; segmentation stage-1/2 maps at 512 px
-and 1024 px; a map of 4-token and one of 1-token regions) the routed attention core ``routed_attention(q, k, v, indices)`` runs with q, k, v of
-the stage's width and indices from real top-k routing of the region means, next to two baselines
-of the same width: dense SDPA over all tokens and window attention (SDPA inside windows of
-``topk * tokens per region`` tokens, the same keys per query as routing). Measured side by side:
+and 1024 px; a map of 4-token and one of 1-token regions) the routed attention core
+``routed_attention(q, k, v, indices)`` runs with q, k, v of the stage's width and indices from real top-k
+routing of the region means, next to two baselines of the same width: dense SDPA over all tokens and
+window attention (SDPA inside windows of ``topk * tokens per region`` tokens, the same keys per query as
+routing). Measured side by side:
 
 - forward and forward+backward time: the methods of a setting are timed round-robin (one run of each
   per round, after a warm-up round) so that load changes touch them alike; times are the fastest
