@@ -24,6 +24,7 @@ from bilevel.controls import LenientNumber, LenientSlider
 from bilevel.data.images import list_images, read_image, read_mask
 from bilevel.data.shapes import SHAPE_CLASSES, builtin_shapes
 from bilevel.ops.recording import RoutingRecord
+from bilevel.runtime import retain_freed_memory
 from bilevel.serving import (EMBEDDED_MODEL, EMBEDDED_MODELS, Analysis, Predictor, ServedModel, ServingError,
                              fit_picture, load_served_model, read_upload)
 from bilevel.viz.images import SAMPLE_IMAGES, load_sample_image
@@ -519,6 +520,7 @@ def port_taken_message(host: str, port: int) -> str:
 
 def main(args: Optional[list[str]] = None) -> None:
     options = parse_args(args)
+    retain_freed_memory()
     try:
         default = load_served_model(options.model, options.checkpoint, label=options.checkpoint)
     except ServingError as error:

@@ -16,6 +16,9 @@ a group the models run round-robin (each once per repeat, ``_common.time_round_r
 machine load touches them alike: images/s from the fastest repeat, ×reference and ×Swin-T the median
 over repeats of the ratio within a repeat (baselines' images/s: fastest over all groups). A model that
 fails (e.g. an input size it cannot take) gets a row with its error and the others are measured.
+The process keeps freed memory in its heap first (``bilevel.runtime.retain_freed_memory``, as the ``bilevel``
+CLI and the app do): with glibc's default thresholds every forward faults in fresh pages, the official gather's
+copies most, at a rate that moves with the heap's state (``--default-allocator`` measures that way).
 Writes ``models_<tag>.md`` and ``.json``.
 
     python benchmarks/bench_models.py                       # every variant, 224 px, batch 8
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import bilevel
+from bilevel.runtime import retain_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (RESULTS, BenchmarkParser, fastest, paired_speedup, positive_int, run_metadata,  # noqa: E402
@@ -94,6 +98,9 @@ def build_parser() -> BenchmarkParser:
                             help="timed rounds after one warm-up round")
     parser.add_quick_option("--no-baselines", action="store_true", default=False, quick=True,
                             help="skip timm's Swin-T and ConvNeXt-T")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave malloc as it is (default: bilevel.runtime.retain_freed_memory(), as the CLI and "
+                             "app do; the default allocator's page faults move evaluation ratios between runs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser
 
@@ -117,6 +124,7 @@ def measure(models: dict[str, torch.nn.Module], images: torch.Tensor, repeats: i
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    args.allocator = "default (not changed)" if args.default_allocator else retain_freed_memory()
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
                          generator=torch.Generator().manual_seed(0))
     baselines = {} if args.no_baselines else {f"timm {name}": build(name, None) for name in BASELINES}
@@ -169,7 +177,7 @@ def _cell(value: Optional[float]) -> str:
 def write(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> None:
     tag = "quick" if args.quick else "cpu"
     meta = {**run_metadata("bench_models.py", argv, torch.device("cpu")), "image_size": args.image_size,
-            "batch_size": args.batch_size, "repeats": args.repeats}
+            "batch_size": args.batch_size, "repeats": args.repeats, "allocator": args.allocator}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"models_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Model throughput ({tag})", "",
@@ -179,7 +187,8 @@ def write(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) ->
              "and reference builds and the baselines, nothing else in memory), round-robin within the group: "
              f"fastest of {args.repeats} repeats (after a warm-up); ×reference and ×Swin-T: median over repeats "
              "of the ratio within a repeat; baselines: fastest over all groups",
-             "- training step = forward + cross-entropy + backward + SGD step; random weights", "",
+             "- training step = forward + cross-entropy + backward + SGD step; random weights",
+             f"- allocator: {args.allocator}", "",
              "| model | eval img/s | train img/s | eval ×reference | train ×reference | train ×Swin-T | error |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:

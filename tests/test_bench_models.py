@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bilevel.runtime import retain_freed_memory
 from tests.conftest import PROJECT_ROOT
 
 
@@ -23,6 +24,7 @@ def test_bench_models_quick_mode_writes_results(bench, tmp_path):
     assert all(row["eval_images_per_s"] > 0 and row["train_images_per_s"] > 0 for row in rows)
     saved = json.loads((tmp_path / "models_quick.json").read_text())
     assert saved["meta"]["command"].startswith("python benchmarks/bench_models.py") and saved["rows"] == rows
+    assert saved["meta"]["allocator"] == retain_freed_memory()
     assert "| biformer_tiny [auto] |" in (tmp_path / "models_quick.md").read_text()
 
 
