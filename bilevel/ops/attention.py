@@ -80,6 +80,8 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"reference": reference_routed
 DENSE_MAX_KEY_TOKENS = 256
 #: ... and the routed regions cover at least this fraction of it (the masked-out work is then small)
 DENSE_MIN_ROUTED_FRACTION = 0.25
+#: ... except in CPU float32 inference with fused_cpu's kernel, which is faster up to this routed fraction
+FUSED_CPU_MAX_ROUTED_FRACTION = 0.4
 #: when training, recompute is chosen once sdpa's saved routed copy of k and v would exceed this
 ROUTED_COPY_LIMIT_BYTES = 256 * 2 ** 20
 #: CPU inference: matmul is chosen for at most this many routed key tokens per query ...
@@ -96,7 +98,8 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
       ``benchmarks/results/bra_gpu.md``; ``flex`` needs the least memory but was slower there);
     - small key maps routed densely (at most ``DENSE_MAX_KEY_TOKENS`` key tokens, topk covering at least
       ``DENSE_MIN_ROUTED_FRACTION`` of the regions), no region_weights: ``dense_mask`` (one large
-      SDPA beats many small ones there: BiFormer-T stage 3);
+      SDPA beats many small ones there), except in CPU float32 inference with ``fused_cpu``'s kernel up to
+      ``FUSED_CPU_MAX_ROUTED_FRACTION`` (BiFormer-T stage 3, a third of the regions: ``fused_cpu``);
     - training where the routed copy sdpa keeps for backward (topk x the size of k and v) would exceed
       ``ROUTED_COPY_LIMIT_BYTES``: ``fused_cpu`` where it applies (below), else ``recompute``; neither keeps
       a routed copy, and fused_cpu's forward is the faster one;
@@ -113,18 +116,19 @@ def select_backend(query: Tensor, key: Tensor, indices: Tensor, region_weights: 
         return "sdpa"
     _, num_key_regions, key_tokens, key_channels = key.shape
     topk = indices.shape[-1]
-    if (region_weights is None and num_key_regions * key_tokens <= DENSE_MAX_KEY_TOKENS
-            and topk >= DENSE_MIN_ROUTED_FRACTION * num_key_regions):
-        return "dense_mask"
     training = tracks_gradients(query, key, region_weights)
-    routed_copy = (indices.numel() * key_tokens * (key_channels + (value_channels or key_channels))
-                   * key.element_size())
 
     def fused_cpu_applies() -> bool:    # asked only where it decides: the first answer may build the kernel
         return (query.device.type == "cpu" and query.dtype == key.dtype == torch.float32
                 and not standard_ops_wanted()
                 and fused_cpu_unavailable_reason() is None)
 
+    if (region_weights is None and num_key_regions * key_tokens <= DENSE_MAX_KEY_TOKENS
+            and topk >= DENSE_MIN_ROUTED_FRACTION * num_key_regions
+            and (training or topk > FUSED_CPU_MAX_ROUTED_FRACTION * num_key_regions or not fused_cpu_applies())):
+        return "dense_mask"
+    routed_copy = (indices.numel() * key_tokens * (key_channels + (value_channels or key_channels))
+                   * key.element_size())
     if training and routed_copy > ROUTED_COPY_LIMIT_BYTES:
         return "fused_cpu" if fused_cpu_applies() else "recompute"
     if not training and fused_cpu_applies():

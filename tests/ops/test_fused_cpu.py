@@ -41,6 +41,29 @@ def test_several_query_blocks_and_unequal_head_sizes(key_tokens, weighted):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+# The kernel multiplies in registers, without BLAS, for query regions of at most 9 tokens with key regions of fewer
+# than 32, heads of at least 32 channels (multiples of 8) and no region weights. These cases sit on that path's edges.
+REGISTER_PATH_CASES = {
+    "biformer_t_stage3": (2, 49, 49, 4, 4, 8, 32, 32, 16),     # 64 routed keys, four rows in two pairs
+    "odd_rows_padded_keys": (1, 9, 12, 9, 3, 2, 32, 40, 5),    # 9 rows (one alone), 15 keys (padded to 16), values
+                                                               # of 40 channels (a pass of 32 and one of 8)
+    "one_token_regions": (2, 30, 30, 1, 1, 2, 48, 64, 7),     # 1 row, 7 keys, values of 64 channels (two passes)
+    "narrow_values": (1, 6, 8, 2, 5, 3, 32, 8, 3),             # values of 8 channels
+}
+
+
+@pytest.mark.parametrize("shape", REGISTER_PATH_CASES.values(), ids=REGISTER_PATH_CASES.keys())
+def test_register_path_matches_the_reference(shape):
+    """Inference on the register path, with query, key and value read through token strides wider than a row."""
+    query, key, value, indices, _ = (t.detach() if isinstance(t, torch.Tensor) else t for t in _random_inputs(*shape))
+    query, key, value = (torch.cat([t, torch.randn_like(t)], -1)[..., :t.shape[-1]] for t in (query, key, value))
+    assert not query.is_contiguous()
+    expected = reference_routed_attention(query, key, value, indices, 0.3, shape[5])
+    with torch.no_grad():
+        out = routed_attention(query, key, value, indices, 0.3, shape[5], backend="fused_cpu")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_scores_far_below_the_row_maximum_underflow_as_in_the_reference():
     """Scores spread over hundreds: the kernel's own exp must give 0 below e^-87 and stay exact near the maximum.
     Small integer queries and keys make every score exact, so only the exponentials can differ."""
@@ -60,12 +83,13 @@ def test_scores_far_below_the_row_maximum_underflow_as_in_the_reference():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 4, 8, 8, 2, 8, 8, 2), (1, 4, 4, 4, 4, 2, 32, 32, 4)],
+                         ids=["blas", "registers"])
 @pytest.mark.parametrize("operand", ["query", "key", "value"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-def test_non_finite_inputs_spread_as_in_the_reference(operand, bad):
+def test_non_finite_inputs_spread_as_in_the_reference(operand, bad, shape):
     """The kernel is compiled with -ffast-math and has its own exp: NaN and inf must still reach the same outputs."""
-    query, key, value, indices, _ = (t.detach() if isinstance(t, torch.Tensor) else t
-                                     for t in _random_inputs(1, 4, 4, 8, 8, 2, 8, 8, 2))
+    query, key, value, indices, _ = (t.detach() if isinstance(t, torch.Tensor) else t for t in _random_inputs(*shape))
     {"query": query, "key": key, "value": value}[operand][0, 0, 0, 0] = bad
     expected = reference_routed_attention(query, key, value, indices, 0.25, 2)
     out = routed_attention(query, key, value, indices, 0.25, 2, backend="fused_cpu")
@@ -112,6 +136,17 @@ def test_auto_takes_the_kernel_for_cpu_inference_only(monkeypatch):
     monkeypatch.setattr(attention, "ROUTED_COPY_LIMIT_BYTES", 1)                 # a routed copy too large to keep
     assert select_backend(stage1[0], stage1[1], stage1[3]) == "fused_cpu"
     assert select_backend(one_token[0], one_token[1], one_token[3]) == "fused_cpu"
+
+
+def test_auto_takes_the_kernel_over_dense_mask_up_to_two_fifths_routed():
+    """Small maps: BiFormer-T's stage 3 at 224 px (49 regions of 4 tokens, 16 routed) takes the kernel in
+    inference; routed more densely, or in training, it takes dense_mask."""
+    stage3 = _random_inputs(1, 49, 49, 4, 4, 8, 32, 32, 16)
+    dense = _random_inputs(1, 49, 49, 4, 4, 8, 32, 32, 20)
+    with torch.no_grad():
+        assert select_backend(stage3[0], stage3[1], stage3[3]) == "fused_cpu"
+        assert select_backend(dense[0], dense[1], dense[3]) == "dense_mask"
+    assert select_backend(stage3[0], stage3[1], stage3[3]) == "dense_mask"
 
 
 def _bra_op_and_map():

@@ -33,6 +33,10 @@ namespace {
 constexpr int64_t kQueryBlock = 64;
 // Key regions of fewer tokens are packed per query region and head (see routed_attention_forward).
 constexpr int64_t kPackBelowKeyTokens = 32;
+// Query regions of at most this many tokens, with such key regions and heads of at least kSmallProductMinDim
+// channels, multiply in registers (small_scores, small_values) instead of BLAS.
+constexpr int64_t kSmallProductRows = 9;
+constexpr int64_t kSmallProductMinDim = 32;
 
 // Consecutive routed keys of one head, read as a BLAS operand: tokens rows, row strides in floats.
 struct KeySegment {
@@ -69,6 +73,73 @@ inline __m256 exp_nonpositive(__m256 x) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kLanes = 8;
+
+// The 8-lane sums of eight vectors, as one vector.
+inline __m256 sum_each(const __m256* v) {
+  const __m256 pairs01 = _mm256_hadd_ps(v[0], v[1]), pairs23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 pairs45 = _mm256_hadd_ps(v[4], v[5]), pairs67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 quads0123 = _mm256_hadd_ps(pairs01, pairs23), quads4567 = _mm256_hadd_ps(pairs45, pairs67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(quads0123, quads4567, 0x20),
+                       _mm256_permute2f128_ps(quads0123, quads4567, 0x31));
+}
+
+// scores[r * score_stride + t] = alpha * q_r . keys[t] for rows r < rows and keys t < count (a multiple of 8: keys
+// holds that many row pointers, the extra ones to zeros), dim a multiple of 8. Key rows are read where they lie:
+// for products of a few query rows, where a BLAS call or a packed copy costs more than the arithmetic.
+void small_scores(const float* q, int64_t q_stride, int64_t rows, const float* const* keys, int64_t count,
+                  int64_t dim, float alpha, float* scores, int64_t score_stride) {
+  const __m256 scale = _mm256_set1_ps(alpha);
+  for (int64_t first = 0; first < count; first += kLanes) {
+    const float* const* group = keys + first;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* q_row = q + r * q_stride;
+      __m256 acc[kLanes];
+      for (int j = 0; j < kLanes; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < dim; c += kLanes) {
+        const __m256 query_part = _mm256_loadu_ps(q_row + c);
+        for (int j = 0; j < kLanes; ++j) acc[j] = _mm256_fmadd_ps(query_part, _mm256_loadu_ps(group[j] + c), acc[j]);
+      }
+      _mm256_storeu_ps(scores + r * score_stride + first, _mm256_mul_ps(sum_each(acc), scale));
+    }
+  }
+}
+
+// out[r * out_stride + d] = sum_t p[r * p_stride + t] * values[t][d] / row_sums[r] for t < count and d < dim (a
+// multiple of 8), value rows read where they lie; two rows and 32 channels per pass (eight accumulators, enough
+// independent sums to keep both FMA units busy).
+void small_values(const float* p, int64_t p_stride, int64_t rows, const float* const* values, int64_t count,
+                  int64_t dim, const float* row_sums, float* out, int64_t out_stride) {
+  constexpr int kChunks = 4;
+  for (int64_t first = 0; first < dim; first += kChunks * kLanes) {
+    const int64_t chunks = std::min<int64_t>(kChunks, (dim - first) / kLanes);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const bool pair = r + 1 < rows;
+      const float* p0 = p + r * p_stride;
+      const float* p1 = pair ? p0 + p_stride : p0;
+      __m256 acc0[kChunks], acc1[kChunks];
+      for (int j = 0; j < kChunks; ++j) acc0[j] = acc1[j] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < count; ++t) {
+        const __m256 weight0 = _mm256_set1_ps(p0[t]), weight1 = _mm256_set1_ps(p1[t]);
+        const float* value_row = values[t] + first;
+        for (int j = 0; j < chunks; ++j) {
+          const __m256 part = _mm256_loadu_ps(value_row + j * kLanes);
+          acc0[j] = _mm256_fmadd_ps(weight0, part, acc0[j]);
+          acc1[j] = _mm256_fmadd_ps(weight1, part, acc1[j]);
+        }
+      }
+      const __m256 inverse0 = _mm256_set1_ps(1.f / row_sums[r]);
+      const __m256 inverse1 = _mm256_set1_ps(pair ? 1.f / row_sums[r + 1] : 0.f);
+      for (int j = 0; j < chunks; ++j) {
+        _mm256_storeu_ps(out + r * out_stride + first + j * kLanes, _mm256_mul_ps(acc0[j], inverse0));
+        if (pair) _mm256_storeu_ps(out + (r + 1) * out_stride + first + j * kLanes, _mm256_mul_ps(acc1[j], inverse1));
+      }
+    }
+  }
+}
+#endif
+
 // row[t] = exp(row[t] - row_max) for t < n; returns their sum.
 float exponentiate(float* row, int64_t n, float row_max) {
   int64_t t = 0;
@@ -90,6 +161,19 @@ float exponentiate(float* row, int64_t n, float row_max) {
     sum += row[t];
   }
   return sum;
+}
+
+// Softmax of each of rows rows of count scores (row stride `stride`) in place, unnormalized: exp(score - row max);
+// row_sums[r] gets the row's sum, log_sum_exp[r] the log-sum-exp of its scores.
+void exponentiate_rows(float* scores, int64_t rows, int64_t count, int64_t stride, float* row_sums,
+                       float* log_sum_exp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * stride;
+    float row_max = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < count; ++t) row_max = std::max(row_max, row[t]);
+    row_sums[r] = exponentiate(row, count, row_max);
+    log_sum_exp[r] = row_max + std::log(row_sums[r]);
+  }
 }
 
 void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -152,10 +236,25 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& qu
 
   // Small key regions are first copied, for one query region and head, into a packed buffer (scaled by their
   // region weights): one product over all routed keys then replaces topk products of a few rows each.
-  const bool pack = key_tokens < kPackBelowKeyTokens;
+  // Small key regions are first copied, for one query region and head, into a packed buffer (scaled by their
+  // region weights): one product over all routed keys then replaces topk products of a few rows each. With few
+  // query rows too, the products run in registers on the regions in place (no BLAS call, no copy).
+  const bool few_tokens = key_tokens < kPackBelowKeyTokens;
+#if defined(__AVX2__) && defined(__FMA__)
+  const bool in_registers = few_tokens && query_tokens <= kSmallProductRows && factors == nullptr &&
+                            head_dim >= kSmallProductMinDim && head_dim % kLanes == 0 && value_head_dim % kLanes == 0;
+#else
+  const bool in_registers = false;
+#endif
+  const bool pack = few_tokens && !in_registers;
+  // score rows padded to whole vectors for the register path (the extra keys point to a row of zeros)
+  const int64_t score_stride = in_registers ? (routed_tokens + kLanes - 1) / kLanes * kLanes : routed_tokens;
   at::parallel_for(0, batch * num_heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(std::min(kQueryBlock, query_tokens) * routed_tokens);   // rows x routed keys
+    std::vector<float> scores(std::min(kQueryBlock, query_tokens) * score_stride);   // rows x routed keys
     std::vector<float> row_sums(kQueryBlock);
+    std::vector<float> zeros(in_registers ? head_dim : 0);
+    std::vector<const float*> key_rows(in_registers ? score_stride : 0, zeros.data());
+    std::vector<const float*> value_rows(in_registers ? routed_tokens : 0);
     std::vector<float> packed_key(pack ? routed_tokens * head_dim : 0);
     std::vector<float> packed_value(pack ? routed_tokens * value_head_dim : 0);
     std::vector<KeySegment> segments;
@@ -165,6 +264,26 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& qu
       const int64_t head = item / query_blocks % num_heads;
       const int64_t first_row = item % query_blocks * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, query_tokens - first_row);
+      const float* q_block = q + b * query.stride(0) + first_row * query.stride(1) + head * head_dim;
+      float* lse_block = lse + (b * num_heads + head) * query_tokens + first_row;
+      float* out_block = o + (b * query_tokens + first_row) * value_channels + head * value_head_dim;
+#if defined(__AVX2__) && defined(__FMA__)
+      if (in_registers) {
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t region = routed[b * topk + j];
+          for (int64_t t = 0; t < key_tokens; ++t) {
+            key_rows[j * key_tokens + t] = k + region * key.stride(0) + t * key.stride(1) + head * head_dim;
+            value_rows[j * key_tokens + t] = v + region * value.stride(0) + t * value.stride(1) + head * value_head_dim;
+          }
+        }
+        small_scores(q_block, query.stride(1), rows, key_rows.data(), score_stride, head_dim, alpha, scores.data(),
+                     score_stride);
+        exponentiate_rows(scores.data(), rows, routed_tokens, score_stride, row_sums.data(), lse_block);
+        small_values(scores.data(), score_stride, rows, value_rows.data(), routed_tokens, value_head_dim,
+                     row_sums.data(), out_block, value_channels);
+        continue;
+      }
+#endif
       if (!pack) {
         segments.clear();
         for (int64_t j = 0; j < topk; ++j) {
@@ -189,7 +308,6 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& qu
         }
         segments = {{packed_key.data(), head_dim, packed_value.data(), value_head_dim, routed_tokens, 1.f}};
       }
-      const float* q_block = q + b * query.stride(0) + first_row * query.stride(1) + head * head_dim;
       // scores[r, s + t] = scale * w * q_r . k_t of the segment starting at routed key s (column-major:
       // scoresᵀ = K qᵀ)
       int64_t first_key = 0;
@@ -198,17 +316,8 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& qu
              q_block, query.stride(1), 0.f, scores.data() + first_key, routed_tokens);
         first_key += segment.tokens;
       }
-      float* lse_block = lse + (b * num_heads + head) * query_tokens + first_row;
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = scores.data() + r * routed_tokens;
-        float row_max = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < routed_tokens; ++t) row_max = std::max(row_max, row[t]);
-        const float sum = exponentiate(row, routed_tokens, row_max);
-        row_sums[r] = sum;
-        lse_block[r] = row_max + std::log(sum);
-      }
+      exponentiate_rows(scores.data(), rows, routed_tokens, routed_tokens, row_sums.data(), lse_block);
       // out rows = sum over segments of w * P V (column-major: outᵀ = Vᵀ Pᵀ), then divided by the row sums
-      float* out_block = o + (b * query_tokens + first_row) * value_channels + head * value_head_dim;
       first_key = 0;
       for (const KeySegment& segment : segments) {
         gemm('N', 'N', value_head_dim, rows, segment.tokens, segment.factor, segment.value, segment.value_stride,
