@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
@@ -115,6 +117,24 @@ def drop_last_batch(datamodule: LightningDataModule, dataset_size: int, batch_si
     choice is made for that share, not for the whole dataset (one process when no trainer is attached).
     """
     return math.ceil(dataset_size / world_size(datamodule)) > batch_size
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def data_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, drop_last: bool = False
+                ) -> DataLoader:
+    """A DataLoader with at most one worker process per usable CPU: more only wait for a core (PyTorch warns
+    that they may slow loading or freeze it), as when a config written for a GPU server's 8 workers runs on a
+    2-core machine. Workers persist between epochs."""
+    workers = min(num_workers, usable_cpus())
+    if workers < num_workers:
+        rank_zero_info(f"num_workers={num_workers}: this process may use {workers} CPUs, so it loads data with "
+                       f"{workers} worker processes")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
+                      persistent_workers=workers > 0)
 
 
 class ImageFolderDataModule(LightningDataModule):
@@ -257,9 +277,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.val_dataset = LabelledImages(self.val_samples, self.transform(training=False))
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=workers, persistent_workers=workers > 0)
+        return data_loader(dataset, self.batch_size, shuffle, self.num_workers, drop_last)
 
     def train_dataloader(self) -> DataLoader:
         drop_last = drop_last_batch(self, len(self.train_dataset), self.batch_size)

@@ -20,7 +20,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from .classification import UnlabelledImages, drop_last_batch, prediction_paths, world_size
+from .classification import UnlabelledImages, data_loader, drop_last_batch, prediction_paths, world_size
 from .images import JPEG_SUFFIXES, folder_files, image_to_tensor, list_images, read_image, read_mask
 from .scan import (DatasetError, MaskValues, check_common_arguments, check_mask_classes, check_segmentation_pairs,
                    first_few, implied_class_count, mask_problems, require_argument, require_folder, warn_left_out,
@@ -224,9 +224,7 @@ class SegmentationFolderDataModule(LightningDataModule):
             self._check_mask_classes()
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=workers, persistent_workers=workers > 0)
+        return data_loader(dataset, batch_size, shuffle, self.num_workers, drop_last)
 
     def train_dataloader(self) -> DataLoader:
         drop_last = drop_last_batch(self, len(self.train_dataset), self.batch_size)

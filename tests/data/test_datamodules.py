@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bilevel.data import (DatasetError, ImageFolderDataModule, SegmentationFolderDataModule,
-                          ShapesSegmentationDataModule, builtin_shapes, scan)
+                          ShapesSegmentationDataModule, builtin_shapes, classification, scan)
 from bilevel.data.shapes import SEGMENTATION_CLASSES, render_scene
 
 
@@ -654,3 +654,25 @@ def test_a_prediction_root_that_is_a_file_is_named_as_such(tmp_path):
     data = ImageFolderDataModule(str(_class_tree(tmp_path / "data")), num_workers=0, predict_root=str(photo))
     with pytest.raises(DatasetError, match=f"{photo}: the prediction folder is a file, not a folder"):
         data.setup("predict")
+
+
+@pytest.mark.parametrize("kind", ["classification", "segmentation"])
+def test_workers_are_capped_at_the_usable_cpus_with_a_message(tmp_path, monkeypatch, caplog, kind):
+    """A config's num_workers: 8 on a 2-CPU machine loads with 2 workers (and says so); 1 stays 1."""
+    monkeypatch.setattr(classification, "usable_cpus", lambda: 2)
+    if kind == "classification":
+        build = lambda workers: ImageFolderDataModule(str(_class_tree(tmp_path / "c")), image_size=32,  # noqa: E731
+                                                      batch_size=2, num_workers=workers)
+    else:
+        build = lambda workers: SegmentationFolderDataModule(str(_segmentation_tree(tmp_path / "s")),  # noqa: E731
+                                                             image_size=32, batch_size=2, num_workers=workers)
+    with caplog.at_level(logging.INFO):
+        data = build(8)
+        data.setup("fit")
+        loaders = (data.train_dataloader(), data.val_dataloader())
+    assert [loader.num_workers for loader in loaders] == [2, 2]
+    assert all(loader.persistent_workers for loader in loaders)
+    assert "num_workers=8: this process may use 2 CPUs" in caplog.text
+    data = build(1)
+    data.setup("fit")
+    assert data.train_dataloader().num_workers == 1
