@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
@@ -124,17 +125,25 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def data_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, drop_last: bool = False
-                ) -> DataLoader:
-    """A DataLoader with at most one worker process per usable CPU: more only wait for a core (PyTorch warns
-    that they may slow loading or freeze it), as when a config written for a GPU server's 8 workers runs on a
-    2-core machine. Workers persist between epochs."""
-    workers = min(num_workers, usable_cpus())
-    if workers < num_workers:
-        rank_zero_info(f"num_workers={num_workers}: this process may use {workers} CPUs, so it loads data with "
+def feeds_cuda(datamodule: LightningDataModule) -> bool:
+    """Whether the attached trainer runs on CUDA GPUs."""
+    trainer = datamodule.trainer
+    return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
+
+
+def data_loader(datamodule: LightningDataModule, dataset: Dataset, batch_size: int, shuffle: bool,
+                drop_last: bool = False) -> DataLoader:
+    """``datamodule``'s DataLoader over ``dataset``, with at most one worker process per usable CPU: more only
+    wait for a core (PyTorch warns that they may slow loading or freeze it), as when a config written for a GPU
+    server's 8 workers runs on a 2-core machine. Workers persist between epochs; for a CUDA trainer, batches
+    come in page-locked memory, which Lightning copies to the GPU asynchronously."""
+    requested = datamodule.num_workers
+    workers = min(requested, usable_cpus())
+    if workers < requested:
+        rank_zero_info(f"num_workers={requested}: this process may use {workers} CPUs, so it loads data with "
                        f"{workers} worker processes")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, pin_memory=feeds_cuda(datamodule))
 
 
 class ImageFolderDataModule(LightningDataModule):
@@ -277,7 +286,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.val_dataset = LabelledImages(self.val_samples, self.transform(training=False))
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return data_loader(dataset, self.batch_size, shuffle, self.num_workers, drop_last)
+        return data_loader(self, dataset, self.batch_size, shuffle, drop_last)
 
     def train_dataloader(self) -> DataLoader:
         drop_last = drop_last_batch(self, len(self.train_dataset), self.batch_size)

@@ -224,7 +224,7 @@ class SegmentationFolderDataModule(LightningDataModule):
             self._check_mask_classes()
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
-        return data_loader(dataset, batch_size, shuffle, self.num_workers, drop_last)
+        return data_loader(self, dataset, batch_size, shuffle, drop_last)
 
     def train_dataloader(self) -> DataLoader:
         drop_last = drop_last_batch(self, len(self.train_dataset), self.batch_size)

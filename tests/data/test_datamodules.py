@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from PIL import Image
 
 from bilevel.data import (DatasetError, ImageFolderDataModule, SegmentationFolderDataModule,
@@ -186,11 +187,11 @@ def test_fewer_images_to_predict_than_processes_is_named(tmp_path):
     segmentation = SegmentationFolderDataModule(str(_segmentation_tree(tmp_path / "s")), num_workers=0,
                                                 predict_root=str(new))
     for data in (classification, segmentation):
-        data.trainer = SimpleNamespace(world_size=2)
+        data.trainer = SimpleNamespace(world_size=2, accelerator=CPUAccelerator())
         with pytest.raises(DatasetError, match=f"1 image\\(s\\) to predict in {new} for 2 processes: .*"
                                                "--trainer.devices 1"):
             data.setup("predict")
-        data.trainer = SimpleNamespace(world_size=1)
+        data.trainer = SimpleNamespace(world_size=1, accelerator=CPUAccelerator())
         data.setup("predict")
 
 
@@ -200,7 +201,7 @@ def test_last_partial_batch_is_dropped_only_when_every_process_keeps_a_batch(tmp
     classification = ImageFolderDataModule(str(_class_tree(tmp_path / "c")), batch_size=64, num_workers=0)
     segmentation = SegmentationFolderDataModule(str(_segmentation_tree(tmp_path / "s")), batch_size=64, num_workers=0)
     for data in (classification, segmentation):
-        data.trainer = SimpleNamespace(world_size=world_size)
+        data.trainer = SimpleNamespace(world_size=world_size, accelerator=CPUAccelerator())
         data.train_dataset = list(range(1000))
         assert data.train_dataloader().drop_last is drop_last
 
@@ -673,6 +674,18 @@ def test_workers_are_capped_at_the_usable_cpus_with_a_message(tmp_path, monkeypa
     assert [loader.num_workers for loader in loaders] == [2, 2]
     assert all(loader.persistent_workers for loader in loaders)
     assert "num_workers=8: this process may use 2 CPUs" in caplog.text
+    assert not any(loader.pin_memory for loader in loaders)          # no trainer here: nothing to copy to a GPU
     data = build(1)
     data.setup("fit")
     assert data.train_dataloader().num_workers == 1
+
+
+def test_batches_for_a_cuda_trainer_come_in_page_locked_memory(tmp_path, monkeypatch):
+    data = ImageFolderDataModule(str(_class_tree(tmp_path)), image_size=32, batch_size=2, num_workers=0)
+    data.setup("fit")
+    cuda_trainer = SimpleNamespace(accelerator=CUDAAccelerator(), world_size=1)
+    cpu_trainer = SimpleNamespace(accelerator=CPUAccelerator(), world_size=1)
+    monkeypatch.setattr(data, "trainer", cuda_trainer)
+    assert data.train_dataloader().pin_memory and data.val_dataloader().pin_memory
+    monkeypatch.setattr(data, "trainer", cpu_trainer)
+    assert not data.train_dataloader().pin_memory
