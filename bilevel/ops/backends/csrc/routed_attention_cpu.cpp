@@ -163,8 +163,8 @@ float exponentiate(float* row, int64_t n, float row_max) {
   return sum;
 }
 
-// Softmax of each of rows rows of count scores (row stride `stride`) in place, unnormalized: exp(score - row max);
-// row_sums[r] gets the row's sum, log_sum_exp[r] the log-sum-exp of its scores.
+// The softmax numerators of `rows` rows of `count` scores (row stride `stride`), in place: exp(score - row max);
+// row_sums[r] gets each row's sum, log_sum_exp[r] the log-sum-exp of its scores.
 void exponentiate_rows(float* scores, int64_t rows, int64_t count, int64_t stride, float* row_sums,
                        float* log_sum_exp) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -234,8 +234,6 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_forward(const at::Tensor& qu
   float* lse = log_sum_exp.data_ptr<float>();
   const float alpha = static_cast<float>(scale);
 
-  // Small key regions are first copied, for one query region and head, into a packed buffer (scaled by their
-  // region weights): one product over all routed keys then replaces topk products of a few rows each.
   // Small key regions are first copied, for one query region and head, into a packed buffer (scaled by their
   // region weights): one product over all routed keys then replaces topk products of a few rows each. With few
   // query rows too, the products run in registers on the regions in place (no BLAS call, no copy).
