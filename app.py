@@ -380,8 +380,10 @@ def build_demo(default: ServedModel, predictor: Optional[Predictor] = None,
         pages.forget(request.session_hash)
 
     def clicked(analysis, stage, block, evt: gr.SelectData):
-        if analysis is None or evt.index is None:
+        if analysis is None:
             return routing_outputs(analysis, stage, block, 0.5, 0.5)
+        if evt.index is None:      # a click Gradio could not place on the picture (one still loading): no change
+            return tuple(gr.skip() for _ in view_outputs)
         height, width = display_picture(analysis.picture).shape[:2]
         x, y = (on_point_step((index + 0.5) / side) for index, side in zip(evt.index, (width, height)))
         return x, y, *routing_outputs(analysis, stage, block, x, y)[2:]

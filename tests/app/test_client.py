@@ -274,3 +274,22 @@ def test_page_requests_keep_what_the_user_asked_last():
     assert requests.ticket("api", "upload") is None and requests.is_current("api", None, "anything")
     requests.forget("page")
     assert requests.latest("page") == (None, None) and requests.ticket("page", "upload") is None
+
+
+def test_a_click_gradio_cannot_place_changes_nothing(embedded, shape_pictures):
+    """A click on a picture still loading reaches the app without pixel coordinates: the view stays as it is (it
+    used to jump to the centre point); a click that is placed picks the region under it."""
+    import gradio as gr
+
+    import app
+    from bilevel.data.images import read_image
+    from bilevel.serving import Predictor, fit_picture
+
+    predictor = Predictor()
+    demo = app.build_demo(embedded, predictor)
+    clicked = next(fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "clicked")
+    analysis = predictor.analyse(embedded, fit_picture(read_image(next(iter(shape_pictures.values())))))
+    unplaced = clicked(analysis, 1, 1, gr.SelectData(None, {"index": None, "value": None}))
+    assert len(unplaced) == 7 and all(output == gr.skip() for output in unplaced)
+    x, y, routes, *_ = clicked(analysis, 1, 1, gr.SelectData(None, {"index": [0, 0], "value": None}))
+    assert x < 0.2 and y < 0.2 and routes is not None
