@@ -71,9 +71,7 @@ inline __m256 exp_nonpositive(__m256 x) {
   const __m256 y = _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n)));
   return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
-#endif
 
-#if defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kLanes = 8;
 
 // The 8-lane sums of eight vectors, as one vector.
@@ -147,12 +145,12 @@ float exponentiate(float* row, int64_t n, float row_max) {
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 shift = _mm256_set1_ps(row_max);
   __m256 sums = _mm256_setzero_ps();
-  for (; t + 8 <= n; t += 8) {
+  for (; t + kLanes <= n; t += kLanes) {
     const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + t), shift));
     _mm256_storeu_ps(row + t, e);
     sums = _mm256_add_ps(sums, e);
   }
-  float lanes[8];
+  float lanes[kLanes];
   _mm256_storeu_ps(lanes, sums);
   for (float lane : lanes) sum += lane;
 #endif
